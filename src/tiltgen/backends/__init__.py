@@ -1,0 +1,5 @@
+"""Backends: adapters presenting models in the canonical convention."""
+
+from .gaussian_mixture import GaussianMixture, MixtureModel, MixtureTiltOracle, TiltedMixture
+
+__all__ = ["GaussianMixture", "MixtureModel", "MixtureTiltOracle", "TiltedMixture"]

@@ -1,0 +1,94 @@
+"""The reward protocol: any callable ``(x0, cond) -> tensor[N]`` plus a differentiability flag.
+
+Images are passed in [0, 1], NCHW; vector data as [N, d]. ``cond`` is the conditioning the
+samples were generated with (prompts, or None).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..errors import TiltgenError
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """A reward function r(x0, c) evaluated on a batch of N samples."""
+
+    differentiable: bool
+
+    def __call__(self, x0: Tensor, cond: Any) -> Tensor: ...
+
+
+class CallableReward:
+    """Wrap a plain callable ``fn(x0, cond)`` or ``fn(x0)`` as a :class:`Reward`."""
+
+    def __init__(self, fn: Callable[..., Tensor], differentiable: bool, name: str | None = None,
+                 takes_cond: bool = True):
+        self.fn = fn
+        self.differentiable = bool(differentiable)
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.takes_cond = takes_cond
+
+    def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
+        return self.fn(x0, cond) if self.takes_cond else self.fn(x0)
+
+
+def as_reward(fn: Callable[..., Tensor], differentiable: bool | None = None, name: str | None = None) -> Reward:
+    """Return ``fn`` as a :class:`Reward`; ``differentiable`` is required unless declared."""
+    declared = getattr(fn, "differentiable", None)
+    if declared is not None and differentiable in (None, declared):
+        return fn  # type: ignore[return-value]
+    if differentiable is None:
+        raise TiltgenError("the reward does not declare whether it is differentiable; pass differentiable=True/False")
+    import inspect
+
+    try:
+        n_params = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        n_params = 2
+    return CallableReward(fn, differentiable, name, takes_cond=n_params != 1)
+
+
+def reward_name(reward: Reward) -> str:
+    return str(getattr(reward, "name", type(reward).__name__))
+
+
+def evaluate_reward(reward: Reward, x0: Tensor, cond: Any = None) -> Tensor:
+    """Call ``reward`` and check its output: shape [N] and finite, else a clear error."""
+    values = reward(x0, cond)
+    if not isinstance(values, Tensor):
+        raise TiltgenError(f"reward {reward_name(reward)!r} returned {type(values).__name__}, expected a tensor of shape [N]")
+    if values.shape != (x0.shape[0],):
+        raise TiltgenError(f"reward {reward_name(reward)!r} returned shape {tuple(values.shape)}, "
+                           f"expected [{x0.shape[0]}] (one value per sample)")
+    finite = torch.isfinite(values.detach())
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten()[:5].tolist()
+        raise TiltgenError(f"reward {reward_name(reward)!r} returned non-finite values "
+                           f"({int((~finite).sum())} of {len(values)}; e.g. samples {bad})")
+    return values
+
+
+class CountingReward:
+    """Counts per-sample reward evaluations and those differentiated (input requires grad)."""
+
+    def __init__(self, reward: Reward):
+        self.reward = reward
+        self.differentiable = reward.differentiable
+        self.name = reward_name(reward)
+        self.evals = 0
+        self.grad_evals = 0
+
+    def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
+        self.evals += x0.shape[0]
+        if x0.requires_grad and torch.is_grad_enabled():
+            self.grad_evals += x0.shape[0]
+        return self.reward(x0, cond)
+
+    def __getattr__(self, name: str) -> Any:
+        # Expose the wrapped reward's own attributes (e.g. closed-form parameters).
+        return getattr(self.__dict__["reward"], name)

@@ -1,0 +1,250 @@
+"""``tiltgen bench analytic``: cases x families x methods on exact tilted Gaussian mixtures.
+
+Every method samples the same base model from the same per-sample seeds; its samples are
+compared with exact samples of the tilted target. Methods are registered by name (exact
+names, or regular-expression patterns such as ``bestofn-<N>``), so later estimators plug
+in without touching the loop.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..backends.gaussian_mixture import MixtureTiltOracle, TiltedMixture
+from ..core.model import CountingModel, Model
+from ..core.reward import CountingReward
+from ..core.samplers import sample
+from ..errors import TiltgenError
+from ..tilt import ExactGuidance, GuidedModel, TweedieGuidance
+from .analytic_cases import CASES, FAMILIES, AnalyticCase, Family, get_case
+from .metrics import energy_distance, energy_floor, mode_weight_error
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Sizes of one benchmark run."""
+
+    n: int = 4000
+    steps: int = 100
+    sampler: str = "heun"
+    floor_pairs: int = 10
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "BenchSettings":
+        return cls(n=1000, steps=25)
+
+    def __post_init__(self) -> None:
+        if self.n < 2:
+            raise TiltgenError(f"n must be >= 2, got {self.n}")
+        if self.steps < 1:
+            raise TiltgenError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass
+class MethodContext:
+    """Everything a method needs: the counted base model and reward, the case and settings."""
+
+    case: AnalyticCase
+    family: Family
+    tilted: TiltedMixture
+    oracle: MixtureTiltOracle
+    model: CountingModel
+    reward: CountingReward
+    settings: BenchSettings
+
+    @property
+    def beta(self) -> float:
+        return self.case.beta
+
+    def run_sampler(self, model: Model, seeds: Sequence[int] | None = None) -> Tensor:
+        """The benchmark's sampler on ``model`` from the shared per-sample seeds."""
+        s = self.settings
+        seeds = list(range(s.seed, s.seed + s.n)) if seeds is None else seeds
+        return sample(model, self.family.schedule, shape=(self.case.dim,), seeds=seeds, steps=s.steps,
+                      sampler=s.sampler, spacing=self.family.spacing, dtype=torch.float64, progress=False)
+
+
+@dataclass
+class MethodOutput:
+    samples: Tensor
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. training compute
+
+
+MethodRunner = Callable[[MethodContext], MethodOutput]
+_METHODS: dict[str, MethodRunner] = {}
+_DEFAULTS: list[str] = []  # methods run when none are named, in registration order
+_PATTERNS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], MethodRunner], str]] = []
+
+
+def register_method(name: str, default: bool = False) -> Callable[[MethodRunner], MethodRunner]:
+    """Register a benchmark method under an exact name; ``default`` puts it in the default grid."""
+
+    def decorate(runner: MethodRunner) -> MethodRunner:
+        if name in _METHODS:
+            raise ValueError(f"benchmark method {name!r} is already registered")
+        _METHODS[name] = runner
+        if default:
+            _DEFAULTS.append(name)
+        return runner
+
+    return decorate
+
+
+def register_method_pattern(pattern: str, example: str, defaults: Sequence[str] = ()) -> Callable:
+    """Register a parameterised method family, e.g. ``r"bestofn-(\\d+)"``; the factory gets the match.
+
+    ``example`` is shown in error messages; ``defaults`` are concrete names (e.g.
+    ``["smc-16"]``) added to the default grid.
+    """
+
+    def decorate(factory: Callable[[re.Match[str]], MethodRunner]) -> Callable[[re.Match[str]], MethodRunner]:
+        _PATTERNS.append((re.compile(pattern), factory, example))
+        _DEFAULTS.extend(defaults)
+        return factory
+
+    return decorate
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS) + [example for _, _, example in _PATTERNS]
+
+
+def resolve_method(name: str) -> MethodRunner:
+    if name in _METHODS:
+        return _METHODS[name]
+    for pattern, factory, _ in _PATTERNS:
+        match = pattern.fullmatch(name)
+        if match:
+            return factory(match)
+    raise TiltgenError(f"unknown method {name!r}; choose from: {', '.join(available_methods())}")
+
+
+@register_method("unguided", default=True)
+def _unguided(ctx: MethodContext) -> MethodOutput:
+    return MethodOutput(ctx.run_sampler(ctx.model))
+
+
+@register_method("exact", default=True)
+def _exact(ctx: MethodContext) -> MethodOutput:
+    guided = GuidedModel(ctx.model, ctx.family.schedule, ExactGuidance(ctx.oracle))
+    return MethodOutput(ctx.run_sampler(guided))
+
+
+@register_method("tweedie", default=True)
+def _tweedie(ctx: MethodContext) -> MethodOutput:
+    guided = GuidedModel(ctx.model, ctx.family.schedule, TweedieGuidance(ctx.reward, ctx.beta))
+    return MethodOutput(ctx.run_sampler(guided))
+
+
+def default_methods() -> list[str]:
+    """The methods run when none are named: every method registered with ``default=True``."""
+    return list(_DEFAULTS)
+
+
+@dataclass
+class BenchResult:
+    records: list[dict[str, Any]]
+    samples: dict[tuple[str, str, str], Tensor]  # (case, family, method) -> samples, 2-D cases only
+
+
+def _exact_sampler(tilted: TiltedMixture, seed: int) -> Callable[[int], Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return lambda n: tilted.tilted.sample(n, generator)
+
+
+def run_analytic_bench(cases: Sequence[str] | None = None, families: Sequence[str] | None = None,
+                       methods: Sequence[str] | None = None, settings: BenchSettings | None = None,
+                       progress: bool = True) -> BenchResult:
+    """Run the grid and return one record per (case, family, method)."""
+    settings = settings or BenchSettings()
+    case_list = [get_case(c) for c in (cases or list(CASES))]
+    for f in families or ():
+        if f not in FAMILIES:
+            raise TiltgenError(f"unknown family {f!r}; choose one of: {', '.join(FAMILIES)}")
+    family_list = [FAMILIES[f] for f in (families or list(FAMILIES))]
+    method_names = list(methods or default_methods())
+    runners = {m: resolve_method(m) for m in method_names}  # fail on a typo before any work
+    if "unguided" not in method_names:  # the wall-time reference is always measured
+        method_names.insert(0, "unguided")
+        runners["unguided"] = _METHODS["unguided"]
+    else:
+        method_names.remove("unguided")
+        method_names.insert(0, "unguided")
+
+    records: list[dict[str, Any]] = []
+    samples: dict[tuple[str, str, str], Tensor] = {}
+    total = len(case_list) * len(family_list) * len(method_names)
+    bar = tqdm(total=total, desc="bench analytic", disable=not progress)
+    for case in case_list:
+        tilted = case.tilt()
+        draw = _exact_sampler(tilted, settings.seed + 10_000)
+        floor = energy_floor(draw, settings.n, pairs=settings.floor_pairs)
+        reference = draw(settings.n)
+        reward_exact = tilted.tilted.expected_reward(case.reward)
+        nll_exact = float(-tilted.tilted.log_prob(reference).mean())
+        for family in family_list:
+            oracle = tilted.oracle(family.schedule)
+            base_wall = None
+            for method in method_names:
+                bar.set_postfix_str(f"{case.name} {family.name} {method}")
+                ctx = MethodContext(case, family, tilted, oracle,
+                                    CountingModel(case.base.model(family.schedule, family.prediction)),
+                                    CountingReward(case.reward), settings)
+                start = time.perf_counter()
+                out = runners[method](ctx)
+                wall = time.perf_counter() - start
+                base_wall = wall if method == "unguided" else base_wall
+                x = out.samples.detach().to(torch.float64)
+                if x.shape != (settings.n, case.dim):
+                    raise TiltgenError(f"method {method!r} returned samples of shape {tuple(x.shape)}, "
+                                       f"expected {(settings.n, case.dim)}")
+                records.append({
+                    "case": case.name, "beta": case.beta, "dim": case.dim, "family": family.name,
+                    "method": method, "sampler": settings.sampler, "steps": settings.steps, "n": settings.n,
+                    "energy_distance": energy_distance(x, reference), "energy_floor": floor,
+                    "reward_mean": float(case.reward(x).mean()), "reward_exact": reward_exact,
+                    "nll": float(-tilted.tilted.log_prob(x).mean()), "nll_exact": nll_exact,
+                    "mode_weight_error": mode_weight_error(tilted.tilted.responsibilities(x), tilted.tilted.weights),
+                    "model_evals": ctx.model.sample_evals / settings.n,
+                    "reward_evals": ctx.reward.evals / settings.n,
+                    "reward_grad_evals": ctx.reward.grad_evals / settings.n,
+                    "wall_s": wall, "wall_ratio": wall / base_wall,
+                    **out.extra,
+                })
+                if case.dim == 2:
+                    samples[(case.name, family.name, method)] = x
+                bar.update()
+    bar.close()
+    return BenchResult(records, samples)
+
+
+COLUMNS = [("case", "{}"), ("family", "{}"), ("method", "{}"), ("energy_distance", "{:.4f}"),
+           ("energy_floor", "{:.4f}"), ("reward_mean", "{:.3f}"), ("reward_exact", "{:.3f}"), ("nll", "{:.3f}"),
+           ("mode_weight_error", "{:.3f}"), ("model_evals", "{:g}"), ("reward_evals", "{:g}"),
+           ("reward_grad_evals", "{:g}"), ("wall_ratio", "{:.2f}")]
+HEADERS = {"energy_distance": "energy_dist", "energy_floor": "floor", "reward_mean": "reward",
+           "reward_exact": "reward*", "mode_weight_error": "mode_err", "model_evals": "model_ev",
+           "reward_evals": "reward_ev", "reward_grad_evals": "grad_ev", "wall_ratio": "wall_x"}
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table of the records (reward* is the exact tilted mean reward)."""
+    rows = [[HEADERS.get(key, key) for key, _ in COLUMNS]]
+    rows += [[fmt.format(r[key]) for key, fmt in COLUMNS] for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# Methods of later layers register themselves on import; imported last to avoid a cycle.
+from . import methods_learned, methods_trainingfree  # noqa: E402,F401

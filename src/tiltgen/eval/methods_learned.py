@@ -1,0 +1,1 @@
+"""Benchmark methods of the learned guidance network (issue: learned guidance)."""

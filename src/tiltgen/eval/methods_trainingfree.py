@@ -1,0 +1,1 @@
+"""Benchmark methods of training-free guidance and particle samplers (issue: training-free)."""

@@ -1,0 +1,68 @@
+"""The guidance-estimator protocol and the model wrapper that applies it.
+
+An estimator sees the state, the time, the conditioning and the base model's x0_hat (with
+its autograd graph to x_t when it sets ``needs_model_grad``) and returns a :class:`Tilt`.
+:class:`GuidedModel` is itself a model, so samplers never know about guidance.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..core.conversions import coefficients, from_x0_eps, to_x0_eps
+from ..core.model import Model, as_model
+from ..core.schedules import Schedule
+from ..errors import TiltgenError
+from .decomposition import Tilt, apply_tilt
+
+
+@runtime_checkable
+class GuidanceEstimator(Protocol):
+    """Estimates g_t = grad log h_t (or the equivalent x0 shift)."""
+
+    needs_model_grad: bool
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tilt: ...
+
+
+def in_window(t: Tensor, window: tuple[float, float] | None) -> Tensor | None:
+    """[N] bool mask of times inside the closed window [lo, hi], or None for no window."""
+    if window is None:
+        return None
+    lo, hi = window
+    return (t >= lo) & (t <= hi)
+
+
+def check_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
+    if window is None:
+        return None
+    lo, hi = (float(v) for v in window)
+    if not 0 <= lo < hi <= 1:
+        raise TiltgenError(f"time window must satisfy 0 <= lo < hi <= 1, got {window}")
+    return lo, hi
+
+
+class GuidedModel:
+    """``model`` with the reward tilt of ``estimator`` applied to its output (same kind)."""
+
+    def __init__(self, model: Model, schedule: Schedule, estimator: GuidanceEstimator):
+        self.model = as_model(model)
+        self.prediction = self.model.prediction
+        self.schedule = schedule
+        self.estimator = estimator
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        c = coefficients(self.schedule, t, x_t)
+        if self.estimator.needs_model_grad:
+            with torch.enable_grad():
+                x = x_t.detach().requires_grad_(True)
+                x0, eps = to_x0_eps(self.prediction, self.model(x, t, cond), x, c)
+                tilt = self.estimator(x, t, cond, x0)
+            x0, eps = x0.detach(), eps.detach()
+        else:
+            x0, eps = to_x0_eps(self.prediction, self.model(x_t, t, cond), x_t, c)
+            tilt = self.estimator(x_t, t, cond, x0)
+        return from_x0_eps(self.prediction, *apply_tilt(x0, eps, tilt, c), c)
