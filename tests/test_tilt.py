@@ -1,0 +1,122 @@
+"""The decomposition against exact tilted mixtures, and the estimators."""
+
+import pytest
+import torch
+
+from tiltgen.backends import GaussianMixture
+from tiltgen.core import PREDICTIONS, RectifiedFlow, VPCosine, VPLinear, as_model, as_reward, sample
+from tiltgen.errors import TiltgenError
+from tiltgen.rewards import QuadraticReward
+from tiltgen.tilt import ExactGuidance, GuidedModel, Tilt, TweedieGuidance, guide_prediction
+
+SCHEDULES = [VPLinear(), VPCosine(), RectifiedFlow(), RectifiedFlow(shift=3.0)]
+
+
+def ring(d=2):
+    means = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, 0.0]], dtype=torch.float64)
+    return GaussianMixture(torch.tensor([0.2, 0.3, 0.5]), means, 0.3 * torch.eye(2, dtype=torch.float64).expand(3, 2, 2))
+
+
+@pytest.mark.parametrize("kind", PREDICTIONS)
+@pytest.mark.parametrize("form", ["g", "x0_shift"])
+def test_guided_prediction_equals_exact_tilted_model(kind, form):
+    gm = ring()
+    tm = gm.tilt(QuadraticReward.centered(torch.tensor([1.0, 2.0]), torch.eye(2)), beta=0.5)
+    for s in SCHEDULES:
+        x = torch.randn(16, 2, dtype=torch.float64) * 2
+        t = torch.full((16,), 0.37, dtype=torch.float64)
+        oracle = tm.oracle(s)
+        tilt = Tilt(g=oracle.grad_log_h(x, t)) if form == "g" else Tilt(x0_shift=oracle.x0_shift(x, t))
+        guided = guide_prediction(gm.model(s, kind)(x, t), kind, x, t, s, tilt)
+        torch.testing.assert_close(guided, tm.tilted.model(s, kind)(x, t), rtol=1e-8, atol=1e-8)
+
+
+def test_x0_shift_is_exact_at_pure_noise_while_g_vanishes():
+    gm = ring()
+    tm = gm.tilt(QuadraticReward.linear(torch.tensor([1.0, 0.0])), beta=1.0)
+    s = RectifiedFlow()
+    x = torch.randn(8, 2, dtype=torch.float64)
+    t = torch.ones(8, dtype=torch.float64)
+    oracle = tm.oracle(s)
+    torch.testing.assert_close(oracle.grad_log_h(x, t), torch.zeros_like(x), atol=1e-12, rtol=0)
+    # at t = 1 the tilted velocity is eps - E*[x0]: only the x0 form carries it
+    guided = guide_prediction(gm.model(s, "velocity")(x, t), "velocity", x, t, s, Tilt(x0_shift=oracle.x0_shift(x, t)))
+    torch.testing.assert_close(guided, x - tm.tilted.means.T @ tm.tilted.weights)
+    from_g = guide_prediction(gm.model(s, "velocity")(x, t), "velocity", x, t, s, Tilt(g=oracle.grad_log_h(x, t)))
+    assert bool(torch.isfinite(from_g).all())
+
+
+def test_tilt_holds_exactly_one_term():
+    with pytest.raises(TiltgenError):
+        Tilt()
+    with pytest.raises(TiltgenError):
+        Tilt(g=torch.zeros(1), x0_shift=torch.zeros(1))
+
+
+def test_tweedie_matches_covariance_formula_on_a_gaussian():
+    """For a Gaussian base and linear reward the plug-in is exact: x0 shift = Cov[x0|x_t] w / beta."""
+    gm = GaussianMixture(torch.ones(1), torch.tensor([[0.5, -1.0]]), torch.tensor([[[1.0, 0.3], [0.3, 0.5]]]))
+    reward = QuadraticReward.linear(torch.tensor([1.0, -2.0]))
+    tm = gm.tilt(reward, beta=0.8)
+    for s in SCHEDULES:
+        x = torch.randn(10, 2, dtype=torch.float64)
+        t = torch.full((10,), 0.6, dtype=torch.float64)
+        guided = GuidedModel(gm.model(s, "eps"), s, TweedieGuidance(reward, 0.8))
+        torch.testing.assert_close(guided(x, t), tm.tilted.model(s, "eps")(x, t), rtol=1e-8, atol=1e-8)
+
+
+def test_tweedie_overshoots_on_a_mixture():
+    gm = ring()
+    reward = QuadraticReward.linear(torch.tensor([1.0, 0.0]))
+    tm = gm.tilt(reward, beta=0.5)
+    s = RectifiedFlow()
+    x_tweedie = sample(GuidedModel(gm.model(s, "velocity"), s, TweedieGuidance(reward, 0.5)), s, shape=(2,), n=400,
+                       steps=20, dtype=torch.float64, progress=False)
+    assert float(reward(x_tweedie).mean()) > tm.tilted.expected_reward(reward) + 0.3
+
+
+def test_tweedie_window_and_bad_input():
+    gm = ring()
+    reward = QuadraticReward.linear(torch.tensor([1.0, 0.0]))
+    s = VPLinear()
+    est = TweedieGuidance(reward, 1.0, t_window=(0.0, 0.5))
+    guided = GuidedModel(gm.model(s, "eps"), s, est)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    late = torch.full((4,), 0.8, dtype=torch.float64)
+    torch.testing.assert_close(guided(x, late), gm.model(s, "eps")(x, late))
+    with pytest.raises(TiltgenError, match="beta must be"):
+        TweedieGuidance(reward, 0.0)
+    with pytest.raises(TiltgenError, match="time window"):
+        TweedieGuidance(reward, 1.0, t_window=(0.6, 0.2))
+    with pytest.raises(TiltgenError, match="needs a differentiable reward"):
+        TweedieGuidance(as_reward(lambda x0: (x0[:, 0] > 0).double(), differentiable=False), 1.0)
+
+
+def test_non_finite_reward_is_reported_not_propagated():
+    gm = ring()
+    s = RectifiedFlow()
+    bad = as_reward(lambda x0, c: torch.where(x0[:, 0] > 0, torch.log(-x0[:, 0]), x0[:, 0]), differentiable=True, name="logneg")
+    guided = GuidedModel(gm.model(s, "velocity"), s, TweedieGuidance(bad, 1.0))
+    with pytest.raises(TiltgenError, match="reward 'logneg' returned non-finite values"):
+        sample(guided, s, shape=(2,), n=64, steps=5, dtype=torch.float64, progress=False)
+
+
+def test_plain_callables_work_as_model_and_reward():
+    s = RectifiedFlow()
+    # exact velocity of N(0, I) data: u = (t x - (1 - t) x ... ) derived from x0_hat = (1-t) x / ((1-t)^2 + t^2)
+    def velocity(x, t):
+        tt = t[:, None]
+        x0 = (1 - tt) * x / ((1 - tt) ** 2 + tt**2)
+        eps = (x - (1 - tt) * x0) / tt
+        return eps - x0
+
+    model = as_model(velocity, prediction="velocity")
+    reward = as_reward(lambda x0: x0.sum(1), differentiable=True)
+    guided = GuidedModel(model, s, TweedieGuidance(reward, beta=1.0))
+    x = sample(guided, s, shape=(2,), n=2000, steps=30, dtype=torch.float64, progress=False)
+    # N(0, I) tilted by exp(sum(x)) is N(1, I): Tweedie is exact on a Gaussian
+    torch.testing.assert_close(x.mean(0), torch.ones(2, dtype=torch.float64), atol=0.08, rtol=0)
+    with pytest.raises(TiltgenError, match="does not declare its prediction kind"):
+        as_model(velocity)
+    with pytest.raises(TiltgenError, match="differentiable"):
+        as_reward(lambda x0: x0.sum(1))
