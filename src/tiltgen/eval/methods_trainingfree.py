@@ -1,1 +1,142 @@
-"""Benchmark methods of training-free guidance and particle samplers (issue: training-free)."""
+"""Benchmark methods of training-free guidance and particle samplers (issue: training-free).
+
+* ``trainingfree`` (default grid) and ``trainingfree-<variant>``: :class:`TrainingFreeGuidance`.
+* ``bestofn-<N>[+<drift>]`` and ``smc-<N>[+<drift>]``: particle methods (not in the default
+  grid: each output sample costs N trajectories). ``<drift>`` is any name of :data:`DRIFTS`
+  (``exact``, ``tweedie``, ``trainingfree``, ``trainingfree-<variant>``, and whatever later
+  modules add with :func:`register_drift`).
+
+Particle methods run n independent populations of N particles (batched in chunks of at
+most ``MAX_PARTICLES``) and return one sample per population, so the counters, divided by
+n, charge each output sample with its whole population. SMC uses the ``ddpm`` sampler
+(stochastic, so resampled copies diverge) with the benchmark's number of steps; the
+record's ``sampler`` field says so.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..backends.gaussian_mixture import GaussianMixture
+from ..errors import TiltgenError
+from ..tilt import ExactGuidance, GuidanceEstimator, GuidedModel, TweedieGuidance
+from ..tilt.particles import best_of_n, smc_sample
+from ..tilt.training_free import VARIANTS, TrainingFreeGuidance
+from .analytic_bench import MethodContext, MethodOutput, MethodRunner, register_method, register_method_pattern
+
+DEFAULT_VARIANT = "bounded"  # chosen by the analytic benchmark (docs/training-free-guidance.md)
+MAX_PARTICLES = 1 << 16  # particles per batch: bounds memory for n = 4000, N = 64
+SMC_SAMPLER = "ddpm"
+
+DriftFactory = Callable[[MethodContext], GuidanceEstimator]
+DRIFTS: dict[str, DriftFactory] = {}
+
+
+def register_drift(name: str) -> Callable[[DriftFactory], DriftFactory]:
+    """Register a guidance estimator by benchmark name so particle methods can use it as a drift."""
+
+    def decorate(factory: DriftFactory) -> DriftFactory:
+        if name in DRIFTS:
+            raise ValueError(f"drift {name!r} is already registered")
+        DRIFTS[name] = factory
+        return factory
+
+    return decorate
+
+
+def drift_estimator(name: str, ctx: MethodContext) -> GuidanceEstimator:
+    if name not in DRIFTS:
+        raise TiltgenError(f"unknown drift {name!r} for a particle method; choose one of: {', '.join(sorted(DRIFTS))}")
+    return DRIFTS[name](ctx)
+
+
+def data_variance(mixture: GaussianMixture) -> float:
+    """Per-dimension data variance (mean of the covariance diagonal): what a user would
+    estimate from unguided samples, or know (1 for normalised latents)."""
+    mean = mixture.weights @ mixture.means
+    second = torch.einsum("k,kij->ij", mixture.weights,
+                          mixture.covs + torch.einsum("ki,kj->kij", mixture.means, mixture.means))
+    return float(torch.diagonal(second - torch.outer(mean, mean)).mean())
+
+
+def _training_free(ctx: MethodContext, variant: str) -> TrainingFreeGuidance:
+    return TrainingFreeGuidance(ctx.reward, ctx.beta, ctx.family.schedule, data_var=data_variance(ctx.case.base),
+                                variant=variant)
+
+
+register_drift("exact")(lambda ctx: ExactGuidance(ctx.oracle))
+register_drift("tweedie")(lambda ctx: TweedieGuidance(ctx.reward, ctx.beta))
+register_drift("trainingfree")(lambda ctx: _training_free(ctx, DEFAULT_VARIANT))
+for _variant in VARIANTS:
+    register_drift(f"trainingfree-{_variant}")(lambda ctx, v=_variant: _training_free(ctx, v))
+
+
+def _guided_runner(drift: str) -> MethodRunner:
+    def run(ctx: MethodContext) -> MethodOutput:
+        guided = GuidedModel(ctx.model, ctx.family.schedule, drift_estimator(drift, ctx))
+        return MethodOutput(ctx.run_sampler(guided))
+
+    return run
+
+
+register_method("trainingfree", default=True)(_guided_runner("trainingfree"))
+for _variant in VARIANTS:
+    register_method(f"trainingfree-{_variant}")(_guided_runner(f"trainingfree-{_variant}"))
+
+
+def _chunks(n: int, particles: int) -> list[tuple[int, int]]:
+    """(first population, count) batches of at most MAX_PARTICLES particles."""
+    per = max(1, MAX_PARTICLES // particles)
+    return [(start, min(per, n - start)) for start in range(0, n, per)]
+
+
+def _parse(match: re.Match[str]) -> tuple[int, str | None]:
+    particles = int(match.group(1))
+    if particles < 1:
+        raise TiltgenError(f"the number of particles N must be >= 1, got {particles} in {match.group(0)!r}")
+    return particles, match.group(2)
+
+
+@register_method_pattern(r"smc-(\d+)(?:\+(.+))?", example="smc-<N>[+<drift>]")
+def _smc_factory(match: re.Match[str]) -> MethodRunner:
+    particles, drift = _parse(match)
+    if drift is not None and drift not in DRIFTS:
+        raise TiltgenError(f"unknown drift {drift!r} in {match.group(0)!r}; choose one of: {', '.join(sorted(DRIFTS))}")
+
+    def run(ctx: MethodContext) -> MethodOutput:
+        s, parts, resamples = ctx.settings, [], 0
+        estimator = None if drift is None else drift_estimator(drift, ctx)
+        for start, count in _chunks(s.n, particles):
+            out = smc_sample(ctx.model, ctx.family.schedule, ctx.reward, ctx.beta, n=count, particles=particles,
+                             shape=(ctx.case.dim,), drift=estimator, sampler=SMC_SAMPLER, steps=s.steps,
+                             spacing=ctx.family.spacing, seed=s.seed + 7919 * start, dtype=torch.float64)
+            parts.append(out.samples)
+            resamples += out.resamples
+        return MethodOutput(torch.cat(parts), {"sampler": SMC_SAMPLER, "particles": particles,
+                                               "resamples_per_sample": resamples / s.n})
+
+    return run
+
+
+@register_method_pattern(r"bestofn-(\d+)(?:\+(.+))?", example="bestofn-<N>[+<drift>]")
+def _bestofn_factory(match: re.Match[str]) -> MethodRunner:
+    particles, drift = _parse(match)
+    if drift is not None and drift not in DRIFTS:
+        raise TiltgenError(f"unknown drift {drift!r} in {match.group(0)!r}; choose one of: {', '.join(sorted(DRIFTS))}")
+
+    def run(ctx: MethodContext) -> MethodOutput:
+        s = ctx.settings
+        model = ctx.model if drift is None else GuidedModel(ctx.model, ctx.family.schedule, drift_estimator(drift, ctx))
+        parts: list[Tensor] = []
+        for start, count in _chunks(s.n, particles):
+            out = best_of_n(model, ctx.family.schedule, ctx.reward, n=count, particles=particles,
+                            shape=(ctx.case.dim,), sampler=s.sampler, steps=s.steps, spacing=ctx.family.spacing,
+                            seed=s.seed + start * particles, dtype=torch.float64)
+            parts.append(out.samples)
+        return MethodOutput(torch.cat(parts), {"particles": particles})
+
+    return run

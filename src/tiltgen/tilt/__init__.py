@@ -7,3 +7,12 @@ from .tweedie import TweedieGuidance
 
 __all__ = ["GuidanceEstimator", "GuidedModel", "Tilt", "apply_tilt", "g_from_x0_shift", "guide_prediction",
            "x0_shift_from_g", "ExactGuidance", "TiltOracle", "TweedieGuidance"]
+
+from .learned import LearnedGuidance, TrainConfig, load_guidance, train_guidance  # noqa: E402
+
+__all__ += ["LearnedGuidance", "TrainConfig", "load_guidance", "train_guidance"]
+
+from .particles import ParticleResult, best_of_n, smc_sample  # noqa: E402  (issue 4)
+from .training_free import TrainingFreeGuidance  # noqa: E402  (issue 4)
+
+__all__ += ["ParticleResult", "best_of_n", "smc_sample", "TrainingFreeGuidance"]

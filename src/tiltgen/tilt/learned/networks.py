@@ -1,0 +1,195 @@
+"""Guidance networks: scalar potentials F_psi(z, t, e) with a cheap gradient in z.
+
+Each network maps a preconditioned state z [N, ...], times t [N] and an optional condition
+embedding e [N, E] to one scalar per sample [N]. ``value_and_grad`` also returns dF/dz
+(shaped like z); the guidance needs it at every sampler step, so the MLP computes it in
+closed form (one extra pass of small matmuls, no autograd graph) while the conv net falls
+back to autograd. Both are differentiable, so training can back-propagate through the
+gradient (the consistency loss needs that).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import TiltgenError
+
+
+class FourierTime(nn.Module):
+    """t [N] -> [N, 2 * freqs] sin/cos features at log-spaced frequencies (fixed, not trained)."""
+
+    def __init__(self, freqs: int = 8, max_freq: float = 64.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.logspace(0, math.log10(max_freq), freqs) * math.pi, persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return 2 * self.freqs.numel()
+
+    def forward(self, t: Tensor) -> Tensor:
+        angle = t[:, None].to(self.freqs.dtype) * self.freqs
+        return torch.cat([angle.sin(), angle.cos()], 1)
+
+
+def _tanh_and_slope(a: Tensor) -> tuple[Tensor, Tensor]:
+    h = torch.tanh(a)
+    return h, torch.addcmul(torch.ones((), dtype=h.dtype), h, h, value=-1)  # 1 - h^2 in one op
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Potential MLP for vector data [N, dim]."""
+
+    dim: int
+    hidden: int = 32
+    depth: int = 2
+    cond_dim: int = 0
+    time_freqs: int = 8
+    kind: str = "mlp"
+
+
+class PotentialMLP(nn.Module):
+    """F(z, t, e) = w . h_L + v . phi(t), h_l = tanh(W_l h_{l-1} + U_l phi(t) + C_l e + b_l).
+
+    Time (and the condition) enter every layer as an additive bias, so the gradient in z
+    is the plain chain of the layer Jacobians and is written out by hand. tanh because its
+    slope 1 - h^2 costs two element-wise ops: at sampling time this network runs at every
+    step next to the generator, and for cheap generators its element-wise ops dominate.
+    """
+
+    def __init__(self, config: MLPConfig):
+        super().__init__()
+        if config.dim < 1 or config.hidden < 1 or config.depth < 1:
+            raise TiltgenError(f"MLP guidance network needs dim, hidden, depth >= 1, got {config}")
+        self.config = config
+        self.time = FourierTime(config.time_freqs)
+        widths = [config.dim] + [config.hidden] * config.depth
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.time_in = nn.ModuleList(nn.Linear(self.time.dim, config.hidden, bias=False) for _ in widths[1:])
+        self.cond_in = nn.ModuleList(nn.Linear(config.cond_dim, config.hidden, bias=False) for _ in widths[1:]) \
+            if config.cond_dim else None
+        self.out = nn.Linear(config.hidden, 1)
+        self.time_out = nn.Linear(self.time.dim, 1, bias=False)
+        nn.init.zeros_(self.out.weight)  # start at F = 0: no guidance until trained
+        nn.init.zeros_(self.out.bias)
+
+    def _biases(self, t: Tensor, emb: Tensor | None, n: int) -> tuple[list[Tensor], Tensor]:
+        """Per-layer biases b_l + U_l phi(t) (+ C_l e), [1 or N, H], and the t-only term of F [N]."""
+        # During sampling every row shares t: embed it once and broadcast.
+        same_t = t.numel() > 1 and bool((t == t[0]).all())
+        phi = self.time(t[:1] if same_t else t)
+        biases = [layer.bias + proj(phi) for layer, proj in zip(self.layers, self.time_in)]
+        if self.cond_in is not None:
+            if emb is None:
+                raise TiltgenError("this guidance network is conditional: pass a condition embedding")
+            biases = [b + proj(emb) for b, proj in zip(biases, self.cond_in)]
+        return biases, self.time_out(phi)[:, 0].expand(n)
+
+    def _check(self, z: Tensor) -> None:
+        if z.ndim != 2 or z.shape[1] != self.config.dim:
+            raise TiltgenError(f"guidance network expects samples [N, {self.config.dim}], got {tuple(z.shape)}")
+
+    def forward(self, z: Tensor, t: Tensor, emb: Tensor | None = None) -> Tensor:
+        """F [N]."""
+        self._check(z)
+        biases, f_t = self._biases(t, emb, z.shape[0])
+        h = z
+        for layer, bias in zip(self.layers, biases):
+            h = torch.tanh(self._affine(layer, h, bias))
+        return self.out(h)[:, 0] + f_t
+
+    @staticmethod
+    def _affine(layer: nn.Linear, h: Tensor, bias: Tensor) -> Tensor:
+        # one fused op: bias (incl. the time term) + h W^T
+        return torch.addmm(bias, h, layer.weight.t())
+
+    def value_and_grad(self, z: Tensor, t: Tensor, emb: Tensor | None = None,
+                       need_value: bool = True) -> tuple[Tensor, Tensor]:
+        """(F [N], dF/dz [N, dim]) with the backward pass written out (F is only its t-term
+        when ``need_value`` is False: sampling needs the gradient alone)."""
+        self._check(z)
+        biases, f_t = self._biases(t, emb, z.shape[0])
+        h, slopes = z, []
+        for layer, bias in zip(self.layers, biases):
+            h, slope = _tanh_and_slope(self._affine(layer, h, bias))
+            slopes.append(slope)
+        value = self.out(h)[:, 0] + f_t if need_value else f_t
+        delta = self.out.weight  # [1, H], broadcast over rows
+        for layer, slope in zip(reversed(self.layers), reversed(slopes)):
+            delta = (delta * slope) @ layer.weight
+        return value, delta
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Potential conv net for images [N, channels, H, W] conditioned on t and a text embedding."""
+
+    channels: int
+    width: int = 32
+    depth: int = 3
+    cond_dim: int = 0
+    time_freqs: int = 8
+    kind: str = "conv"
+
+
+class PotentialConvNet(nn.Module):
+    """Strided 3x3 convs with FiLM-style biases from (t, e), global average pool, linear head."""
+
+    def __init__(self, config: ConvConfig):
+        super().__init__()
+        if config.channels < 1 or config.width < 1 or config.depth < 1:
+            raise TiltgenError(f"conv guidance network needs channels, width, depth >= 1, got {config}")
+        self.config = config
+        self.time = FourierTime(config.time_freqs)
+        widths = [config.channels] + [config.width * 2 ** min(i, 2) for i in range(config.depth)]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1)
+                                   for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])))
+        cond_in = self.time.dim + config.cond_dim
+        self.film = nn.ModuleList(nn.Linear(cond_in, w) for w in widths[1:])
+        self.norms = nn.ModuleList(nn.GroupNorm(min(8, w), w) for w in widths[1:])
+        self.head = nn.Linear(widths[-1] + cond_in, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, z: Tensor, t: Tensor, emb: Tensor | None = None) -> Tensor:
+        """F [N]."""
+        if z.ndim != 4 or z.shape[1] != self.config.channels:
+            raise TiltgenError(f"guidance network expects images [N, {self.config.channels}, H, W], got {tuple(z.shape)}")
+        ctx = self.time(t).to(z.dtype)
+        if self.config.cond_dim:
+            if emb is None or emb.shape != (z.shape[0], self.config.cond_dim):
+                raise TiltgenError(f"conv guidance network needs a condition embedding [N, {self.config.cond_dim}]")
+            ctx = torch.cat([ctx, emb.to(z.dtype)], 1)
+        h = z
+        for conv, norm, film in zip(self.convs, self.norms, self.film):
+            h = torch.nn.functional.silu(norm(conv(h)) + film(ctx)[:, :, None, None])
+        return self.head(torch.cat([h.mean((2, 3)), ctx], 1))[:, 0]
+
+    def value_and_grad(self, z: Tensor, t: Tensor, emb: Tensor | None = None,
+                       need_value: bool = True) -> tuple[Tensor, Tensor]:
+        """(F [N], dF/dz) by autograd; keeps the graph when gradients are enabled (training)."""
+        training_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            z_in = z if z.requires_grad else z.detach().requires_grad_(True)
+            value = self.forward(z_in, t, emb)
+            (grad,) = torch.autograd.grad(value.sum(), z_in, create_graph=training_graph)
+        return (value, grad) if training_graph else (value.detach(), grad.detach())
+
+
+def build_network(config: dict) -> nn.Module:
+    """A network from its JSON config (``kind`` = ``mlp`` or ``conv``)."""
+    config = dict(config)
+    kind = config.get("kind")
+    if kind == "mlp":
+        return PotentialMLP(MLPConfig(**config))
+    if kind == "conv":
+        return PotentialConvNet(ConvConfig(**config))
+    raise TiltgenError(f"unknown guidance network kind {kind!r}; choose 'mlp' or 'conv'")
+
+
+def network_config(net: nn.Module) -> dict:
+    return asdict(net.config)  # type: ignore[arg-type]

@@ -1,0 +1,104 @@
+"""The learned log h_t and the guidance estimator built on it.
+
+Parameterisation (docs/learned-guidance.md, "Keeping the x0 shift finite"):
+
+    z          = c_in x,   c_in = 1 / sqrt(alpha^2 s_data^2 + sigma^2)
+    logit(x,t) = alpha c_in s_data F_psi(z, t, e)            ~ log h_t(x) - log Z
+    x0_shift   = (sigma^2 / alpha) grad_x logit = sigma^2 c_in^2 s_data grad_z F_psi
+
+The factor alpha makes log q constant at pure noise (h_1 is constant) and cancels the
+sigma^2 / alpha that turns g into the x0 shift, so the shift stays finite for flows at
+t = 1 and no time window is needed; at t = 0 the shift vanishes (sigma = 0) as it must.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ...core.conversions import coefficients
+from ...core.schedules import Schedule
+from ...errors import TiltgenError
+from ..base import check_window, in_window
+from ..decomposition import Tilt
+
+CondEncoder = Callable[[Any], Tensor]  # cond -> embedding [N, E] (or [1, E], broadcast)
+
+
+class GuidancePotential(nn.Module):
+    """A scalar network F_psi wrapped into log q_psi(x, t) and its x0 shift (see module doc)."""
+
+    def __init__(self, net: nn.Module, schedule: Schedule, s_data: float):
+        super().__init__()
+        if not s_data > 0:
+            raise TiltgenError(f"s_data (the data scale) must be > 0, got {s_data}")
+        self.net = net
+        self.schedule = schedule
+        self.s_data = float(s_data)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.parameters()).dtype
+
+    def _scales(self, x: Tensor, t: Tensor) -> tuple[Tensor | float, Tensor | float, Tensor | float]:
+        """alpha, sigma, c_in: floats when every row shares t (sampling), else [N, 1, ...] tensors."""
+        if t.numel() == 1 or bool((t == t[0]).all()):
+            # the sampler's case: a handful of scalar ops instead of per-row tensor arithmetic
+            t0 = t[:1].to(torch.float64)
+            alpha, sigma = float(self.schedule.alpha(t0)), float(self.schedule.sigma(t0))
+            return alpha, sigma, (alpha**2 * self.s_data**2 + sigma**2) ** -0.5
+        c = coefficients(self.schedule, t.to(torch.float64), x.to(torch.float64))
+        c_in = 1.0 / torch.sqrt(c.alpha**2 * self.s_data**2 + c.sigma**2)
+        return c.alpha.to(self.dtype), c.sigma.to(self.dtype), c_in.to(self.dtype)
+
+    @staticmethod
+    def _rows(value: Tensor | float) -> Tensor | float:
+        return value.flatten() if isinstance(value, Tensor) else value
+
+    def logit(self, x: Tensor, t: Tensor, emb: Tensor | None = None) -> Tensor:
+        """log q_psi(x, t) [N] (an estimate of log h_t - log Z)."""
+        alpha, _, c_in = self._scales(x, t)
+        f = self.net(c_in * x.to(self.dtype), t.to(self.dtype), emb)
+        return self._rows(alpha) * self._rows(c_in) * self.s_data * f
+
+    def logit_and_shift(self, x: Tensor, t: Tensor, emb: Tensor | None = None,
+                        need_logit: bool = True) -> tuple[Tensor, Tensor]:
+        """(log q_psi [N], x0 shift = (sigma^2/alpha) grad_x log q_psi, shaped like x)."""
+        alpha, sigma, c_in = self._scales(x, t)
+        f, grad = self.net.value_and_grad(c_in * x.to(self.dtype), t.to(self.dtype), emb, need_logit)
+        logit = self._rows(alpha) * self._rows(c_in) * self.s_data * f
+        return logit, sigma**2 * c_in**2 * self.s_data * grad
+
+
+class LearnedGuidance:
+    """Guidance estimator from a trained potential: returns the x0 shift (finite at any t).
+
+    ``cond_encoder`` maps the sampler's ``cond`` to the embedding the network was trained
+    with; ``scale`` multiplies the shift (1 = the tilt at the trained beta).
+    """
+
+    needs_model_grad = False
+
+    def __init__(self, potential: GuidancePotential, cond_encoder: CondEncoder | None = None, scale: float = 1.0,
+                 t_window: tuple[float, float] | None = None):
+        self.potential = potential.eval()
+        self.cond_encoder = cond_encoder
+        self.scale = float(scale)
+        self.t_window = check_window(t_window)
+
+    def embed(self, cond: Any, n: int) -> Tensor | None:
+        if self.cond_encoder is None:
+            return None
+        emb = self.cond_encoder(cond).to(self.potential.dtype)
+        return emb.expand(n, -1) if emb.shape[0] == 1 else emb
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tilt:
+        # no_grad, not inference_mode: the conv net re-enables autograd for its input gradient
+        with torch.no_grad():
+            _, shift = self.potential.logit_and_shift(x_t, t, self.embed(cond, x_t.shape[0]), need_logit=False)
+        shift = shift.to(x_t.dtype)
+        tilt = Tilt(x0_shift=shift if self.scale == 1 else shift * self.scale)
+        keep = in_window(t, self.t_window)
+        return tilt if keep is None else tilt.masked(keep)

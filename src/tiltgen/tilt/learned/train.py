@@ -1,0 +1,403 @@
+"""Training loop for the guidance network: data, pool, steps, checkpoints, resume, record.
+
+Output directory layout (every file written atomically: temp file, then rename)::
+
+    config.json          everything needed to rebuild the run (beta, losses, network, schedule)
+    data.safetensors     the generated samples, rewards and the noised training pool
+    checkpoint.safetensors  weights + optimiser state + RNG state; run state in its metadata
+    guidance.safetensors final weights          guidance.json  record (beta, reward, model,
+    loss.png             loss curve                              data size, training compute)
+
+Resuming re-reads the data and the latest checkpoint and continues from its step with
+the same minibatch RNG state, so a resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ...core.model import Model, as_model
+from ...core.reward import Reward, as_reward, reward_name
+from ...core.schedules import Schedule, schedule_from_config
+from ...errors import TiltgenError, check_beta, check_choice
+from .data import GuidanceData, Pool, build_pool, generate_data, training_times
+from .losses import LOSSES, consistency_loss, tilt_loss
+from .networks import build_network
+from .potential import CondEncoder, GuidancePotential, LearnedGuidance
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``n_data`` samples per condition; ``steps`` optimiser steps."""
+
+    beta: float
+    loss: str = "logistic"
+    eta: float = 1.0                      # consistency weight (0 = off)
+    steps: int = 1000
+    batch_size: int = 1024
+    lr: float = 3e-3
+    n_data: int = 2000
+    pool_size: int = 65536
+    time_levels: int = 64                 # discrete training times (ignored if ``times`` is set)
+    times: tuple[float, ...] | None = None
+    spacing: str = "uniform"              # time grid of data sampling and training levels
+    sampler: str = "heun"
+    data_steps: int = 50
+    trajectory: bool = False              # train on the sampler's own states
+    data_dtype: str = "float32"
+    net: dict | None = None               # network config; default from the sample shape
+    checkpoint_every: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_beta(self.beta)
+        check_choice("guidance loss", self.loss, LOSSES)
+        check_choice("data dtype", self.data_dtype, _DTYPES)
+        if self.eta < 0:
+            raise TiltgenError(f"eta (the consistency weight) must be >= 0, got {self.eta}")
+        for name in ("steps", "batch_size", "n_data", "pool_size", "time_levels", "data_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise TiltgenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise TiltgenError(f"lr must be > 0, got {self.lr}")
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["times"] = list(self.times) if self.times is not None else None
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        if data.get("times") is not None:
+            data["times"] = tuple(data["times"])
+        return cls(**data)
+
+
+def default_net(shape: Sequence[int], cond_dim: int = 0) -> dict:
+    """MLP for vectors [d], conv net for images [C, H, W]."""
+    if len(shape) == 1:
+        return {"kind": "mlp", "dim": int(shape[0]), "hidden": 32, "depth": 2, "cond_dim": cond_dim}
+    if len(shape) == 3:
+        return {"kind": "conv", "channels": int(shape[0]), "width": 32, "depth": 3, "cond_dim": cond_dim}
+    raise TiltgenError(f"no default guidance network for samples of shape {tuple(shape)}; pass TrainConfig(net=...)")
+
+
+@dataclass
+class TrainResult:
+    guidance: LearnedGuidance
+    record: dict
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // 20):]
+        return sum(tail) / len(tail)
+
+
+# --- atomic file IO -------------------------------------------------------------------------
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _atomic(path, lambda p: p.write_text(json.dumps(data, indent=2)))
+
+
+def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    _atomic(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+class Adam:
+    """Plain Adam (Kingma & Ba) whose whole state is named tensors, so a checkpoint is one
+    safetensors file. Also avoids torch.optim, whose first use imports torch._dynamo
+    (seconds of start-up per process, more than a whole quick-bench training)."""
+
+    def __init__(self, params: Sequence[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.count = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.count += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1**self.count, 1 - b2**self.count
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"opt.m.{i}": m for i, m in enumerate(self.m)}
+        out.update({f"opt.v.{i}": v for i, v in enumerate(self.v)})
+        out["opt.count"] = torch.tensor(self.count, dtype=torch.int64)
+        return out
+
+    def load(self, tensors: dict[str, Tensor]) -> None:
+        for i in range(len(self.params)):
+            self.m[i].copy_(tensors[f"opt.m.{i}"])
+            self.v[i].copy_(tensors[f"opt.v.{i}"])
+        self.count = int(tensors["opt.count"])
+
+
+# --- the run ---------------------------------------------------------------------------------
+class _Run:
+    """Mutable state of one training run (so train_guidance stays a short script of steps)."""
+
+    def __init__(self, config: TrainConfig, potential: GuidancePotential, pool: Pool, data: GuidanceData,
+                 embeddings: Tensor | None):
+        self.config = config
+        self.potential = potential
+        self.pool = pool
+        self.data = data
+        self.embeddings = embeddings
+        self.opt = Adam(list(potential.parameters()), lr=config.lr)
+        self.rng = torch.Generator().manual_seed(config.seed + 1)
+        self.step = 0
+        self.losses: list[float] = []
+        self.train_wall = 0.0
+
+    def lr_at(self, step: int) -> float:
+        # cosine decay to 5% of lr: a stateless schedule, so resuming needs only the step
+        return self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / self.config.steps)))
+
+    def train_step(self) -> float:
+        cfg, pool = self.config, self.pool
+        idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=self.rng)
+        dtype = self.potential.dtype
+        x, t, w = pool.x_t[idx].to(dtype), pool.t[idx], pool.w[idx].to(dtype)
+        emb = self.embeddings[pool.prompt[idx]] if self.embeddings is not None else None
+        if cfg.eta > 0:
+            logit, shift = self.potential.logit_and_shift(x, t, emb)
+            loss = tilt_loss(cfg.loss, logit, w) + cfg.eta * consistency_loss(
+                pool.x0_hat[idx].to(dtype), shift, pool.x0[idx].to(dtype), w, self.potential.s_data)
+        else:
+            loss = tilt_loss(cfg.loss, self.potential.logit(x, t, emb), w)
+        if not torch.isfinite(loss):
+            raise TiltgenError(f"training loss became non-finite at step {self.step} (lower lr, or raise beta)")
+        self.opt.lr = self.lr_at(self.step)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {f"net.{k}": v for k, v in self.potential.net.state_dict().items()}
+        out.update(self.opt.tensors())
+        out["rng"] = self.rng.get_state()
+        return out
+
+    def state_meta(self) -> dict[str, str]:
+        return {"step": str(self.step), "losses": json.dumps(self.losses), "train_wall": repr(self.train_wall)}
+
+    def restore(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+        self.potential.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.opt.load(tensors)
+        self.rng.set_state(tensors["rng"])
+        self.step = int(meta["step"])
+        self.losses = json.loads(meta["losses"])
+        self.train_wall = float(meta["train_wall"])
+
+
+def _describe(obj: Any) -> str:
+    name = getattr(obj, "name", None)
+    return str(name) if name is not None else type(obj).__name__
+
+
+def _check_resume_dir(out_dir: Path | None, config: TrainConfig) -> dict:
+    if out_dir is None:
+        raise TiltgenError("resume needs the output directory of the interrupted run")
+    if not (out_dir / "config.json").is_file() or not (out_dir / "data.safetensors").is_file():
+        raise TiltgenError(f"cannot resume: {out_dir} has no config.json / data.safetensors from an earlier run")
+    saved = json.loads((out_dir / "config.json").read_text())
+    if saved["train"] != config.to_json():
+        raise TiltgenError(f"cannot resume: the training config differs from the one saved in {out_dir}/config.json")
+    return saved
+
+
+def _prepare_data(model: Model, schedule: Schedule, reward: Reward, config: TrainConfig, shape: Sequence[int],
+                  conditions: Sequence[Any] | None, progress: bool) -> tuple[GuidanceData, Pool]:
+    dtype = _DTYPES[config.data_dtype]
+    data = generate_data(model, schedule, reward, shape=shape, n=config.n_data, conditions=conditions,
+                         sampler=config.sampler, steps=config.data_steps, spacing=config.spacing, seed=config.seed,
+                         trajectory=config.trajectory, dtype=dtype, progress=progress)
+    times = training_times(schedule, config.time_levels, config.spacing, config.times)
+    pool = build_pool(data, model, schedule, beta=config.beta, size=config.pool_size, times=times,
+                      conditions=conditions, with_x0_hat=config.eta > 0, seed=config.seed + 2, progress=progress)
+    return data, pool
+
+
+def _load_saved_data(out: Path, saved: dict, shape: tuple[int, ...]) -> tuple[GuidanceData, Pool, float]:
+    """Data, pool and their original generation time from an earlier run's directory."""
+    tensors = load_file(str(out / "data.safetensors"))
+    meta = saved["data"]
+    data = GuidanceData(tensors["x0"], tensors["reward"], tensors["prompt"], tensors.get("states"),
+                        tensors.get("times"), meta["model_evals"], meta["reward_evals"])
+    if tuple(data.x0.shape[1:]) != shape:
+        raise TiltgenError(f"cannot resume: saved samples have shape {tuple(data.x0.shape[1:])}, expected {shape}")
+    return data, Pool.from_tensors(tensors, meta["pool_model_evals"]), float(meta["wall_s"])
+
+
+def _restore_checkpoint(path: Path, run: "_Run") -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    run.restore(load_file(str(path)), meta)
+
+
+def _optimise(run: "_Run", out: Path | None, progress: bool, on_step: Callable[[int, float], None] | None) -> None:
+    """Steps from run.step to config.steps; checkpoints periodically, at the end and on Ctrl-C."""
+    config = run.config
+
+    def checkpoint() -> None:
+        if out is not None:
+            _write_tensors(out / "checkpoint.safetensors", run.state_tensors(), run.state_meta())
+
+    bar = tqdm(total=config.steps, initial=run.step, desc="train guidance", disable=not progress)
+    try:
+        while run.step < config.steps:
+            tick = time.perf_counter()
+            loss = run.train_step()
+            run.train_wall += time.perf_counter() - tick
+            run.losses.append(loss)
+            bar.update()
+            if run.step % 20 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if run.step % config.checkpoint_every == 0 or run.step == config.steps:
+                checkpoint()
+            if on_step is not None:
+                on_step(run.step, loss)
+    except KeyboardInterrupt:
+        checkpoint()  # keep every finished step; resume continues from here
+        raise
+    finally:
+        bar.close()
+
+
+def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: TrainConfig, *,
+                   shape: Sequence[int], conditions: Sequence[Any] | None = None,
+                   cond_encoder: CondEncoder | None = None, out_dir: str | Path | None = None,
+                   resume: bool = False, progress: bool = True,
+                   on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train a guidance network for ``reward`` at ``config.beta`` on samples of ``model``.
+
+    ``conditions``: the distinct conditionings (prompts) to train on, each passed as the
+    ``cond`` of a batch to the model and reward; ``cond_encoder(cond) -> [1 or N, E]``
+    embeds one for the network. ``on_step(step, loss)`` is called after every step.
+    With ``out_dir``: checkpoints every ``config.checkpoint_every`` steps (and on Ctrl-C),
+    and ``resume=True`` continues an interrupted run from its last checkpoint.
+    """
+    model = as_model(model)
+    reward = as_reward(reward)
+    out = Path(out_dir) if out_dir is not None else None
+    saved = _check_resume_dir(out, config) if resume else None
+    shape = tuple(int(s) for s in shape)
+    if conditions is not None and cond_encoder is None:
+        raise TiltgenError("conditions were given without a cond_encoder to embed them for the network")
+    embeddings = None if conditions is None else torch.cat([cond_encoder(c).reshape(1, -1) for c in conditions])
+
+    start = time.perf_counter()
+    if saved is not None:
+        data, pool, data_wall = _load_saved_data(out, saved, shape)  # type: ignore[arg-type]
+    else:
+        data, pool = _prepare_data(model, schedule, reward, config, shape, conditions, progress)
+        data_wall = 0.0
+    data_wall += time.perf_counter() - start
+
+    s_data = float(data.x0.to(torch.float64).std()) or 1.0
+    net_config = dict(config.net or default_net(shape, 0 if embeddings is None else embeddings.shape[1]))
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(config.seed)
+        potential = GuidancePotential(build_network(net_config), schedule, s_data)
+    run = _Run(config, potential, pool, data, embeddings)
+    full_config = {"train": config.to_json(), "net": net_config, "schedule": schedule.config(), "s_data": s_data,
+                   "shape": list(shape), "prediction": model.prediction, "model": _describe(model),
+                   "reward": reward_name(reward), "conditions": None if conditions is None else [repr(c) for c in conditions],
+                   "data": {"model_evals": data.model_evals, "reward_evals": data.reward_evals,
+                            "pool_model_evals": pool.model_evals, "wall_s": data_wall}}
+    if out is not None and saved is None:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_tensors(out / "data.safetensors", {**data.tensors(), **pool.tensors()})
+        _write_json(out / "config.json", full_config)
+    if saved is not None and (out / "checkpoint.safetensors").is_file():  # type: ignore[operator]
+        _restore_checkpoint(out / "checkpoint.safetensors", run)  # type: ignore[operator]
+    _optimise(run, out, progress, on_step)
+
+    record = _record(full_config, run, data, pool, data_wall)
+    if out is not None:
+        _write_tensors(out / "guidance.safetensors", potential.net.state_dict())
+        _write_json(out / "guidance.json", record)
+        plot_losses(run.losses, out / "loss.png", title=f"{record['reward']} beta={config.beta:g} ({config.loss})")
+    return TrainResult(LearnedGuidance(potential, cond_encoder), record, run.losses)
+
+
+def _record(full_config: dict, run: _Run, data: GuidanceData, pool: Pool, data_wall: float) -> dict:
+    tail = run.losses[-max(1, len(run.losses) // 20):]
+    return {**full_config, "beta": run.config.beta, "loss": run.config.loss, "eta": run.config.eta,
+            "data_size": int(data.x0.shape[0]), "pool_size": len(pool), "steps": run.step,
+            "final_loss": sum(tail) / len(tail),
+            "train_model_evals": data.model_evals + pool.model_evals, "train_reward_evals": data.reward_evals,
+            "train_wall_s": data_wall + run.train_wall}
+
+
+def plot_losses(losses: Sequence[float], path: Path, title: str = "") -> Path:
+    """Loss per step and its running mean, as a PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = torch.tensor(losses, dtype=torch.float64)
+    k = max(1, len(losses) // 50)
+    smooth = torch.nn.functional.avg_pool1d(values[None, None], k, 1)[0, 0] if len(losses) >= k else values
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(values.numpy(), alpha=0.3, lw=0.8, label="loss")
+    ax.plot(range(k - 1, k - 1 + len(smooth)), smooth.numpy(), lw=1.5, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def load_guidance(out_dir: str | Path, cond_encoder: CondEncoder | None = None, scale: float = 1.0) -> LearnedGuidance:
+    """The trained estimator saved in ``out_dir`` (guidance.json + guidance.safetensors)."""
+    out = Path(out_dir)
+    if not (out / "guidance.json").is_file() or not (out / "guidance.safetensors").is_file():
+        raise TiltgenError(f"{out} has no trained guidance (guidance.json + guidance.safetensors)")
+    record = json.loads((out / "guidance.json").read_text())
+    net = build_network(record["net"])
+    net.load_state_dict(load_file(str(out / "guidance.safetensors")))
+    potential = GuidancePotential(net, schedule_from_config(record["schedule"]), record["s_data"])
+    return LearnedGuidance(potential, cond_encoder, scale)

@@ -1,0 +1,124 @@
+"""Particle methods: best-of-N and SMC / Feynman-Kac steering."""
+
+import pytest
+import torch
+
+from tiltgen.backends.gaussian_mixture import GaussianMixture
+from tiltgen.core import CountingModel, CountingReward, RectifiedFlow, as_reward
+from tiltgen.errors import TiltgenError
+from tiltgen.eval.analytic_bench import BenchSettings, resolve_method, run_analytic_bench
+from tiltgen.eval.metrics import energy_distance
+from tiltgen.rewards.quadratic import QuadraticReward
+from tiltgen.tilt import TrainingFreeGuidance, best_of_n, smc_sample
+from tiltgen.tilt.particles import ess_fraction, systematic_resample
+
+FLOW = RectifiedFlow()
+
+
+def two_modes() -> GaussianMixture:
+    """Modes at -2 and +2 (std 0.5) in 1-D; a linear reward x / beta reweights them."""
+    return GaussianMixture(torch.ones(2), torch.tensor([[-2.0], [2.0]], dtype=torch.float64),
+                           torch.full((2, 1, 1), 0.25, dtype=torch.float64))
+
+
+LINEAR = QuadraticReward.linear(torch.tensor([1.0], dtype=torch.float64))
+
+
+def run_smc(particles: int, n: int = 300, **kwargs) -> torch.Tensor:
+    base = two_modes()
+    return smc_sample(base.model(FLOW, "velocity"), FLOW, LINEAR, 1.0, n=n, particles=particles, shape=(1,),
+                      steps=20, dtype=torch.float64, **kwargs).samples
+
+
+def test_smc_approaches_target_as_particles_grow():
+    base = two_modes()
+    exact = base.tilt(LINEAR, 1.0).tilted.sample(2000, torch.Generator().manual_seed(1))
+    unguided = base.sample(2000, torch.Generator().manual_seed(2))
+    e1, e16 = (energy_distance(run_smc(k), exact) for k in (1, 16))
+    assert e16 < 0.25 * energy_distance(unguided, exact)
+    assert e16 < e1
+    # mode weights: exact p*(x > 0) = 1 / (1 + e^-4) ~ 0.98
+    assert float((run_smc(16) > 0).double().mean()) > 0.9
+
+
+def test_smc_with_one_particle_is_the_base_sampler():
+    x = run_smc(1, n=400)
+    assert abs(float((x > 0).double().mean()) - 0.5) < 0.1
+
+
+def test_smc_with_drift_corrects_the_proposal():
+    """A deliberately over-strong drift (3x) is corrected by the transition weights as N grows."""
+    base = two_modes()
+    exact = base.tilt(LINEAR, 1.0).tilted.sample(2000, torch.Generator().manual_seed(1))
+    drift = TrainingFreeGuidance(LINEAR, 1.0, FLOW, data_var=4.25, variant="linear", scale=3.0)
+    kwargs = dict(n=200, particles=128, shape=(1,), steps=20, dtype=torch.float64)
+    model = base.model(FLOW, "velocity")
+    with_drift = smc_sample(model, FLOW, LINEAR, 1.0, drift=drift, **kwargs).samples
+    plain_drift = smc_sample(model, FLOW, LINEAR, 1.0, drift=drift, **dict(kwargs, particles=1)).samples
+    assert energy_distance(with_drift, exact) < 0.5 * energy_distance(plain_drift, exact)
+    assert abs(float(with_drift.mean()) - float(exact.mean())) < 0.15
+
+
+def test_smc_non_differentiable_reward_and_counts():
+    base = two_modes()
+    reward = CountingReward(as_reward(lambda x0: 3.0 * (x0[:, 0] > 0).to(x0.dtype), differentiable=False))
+    model = CountingModel(base.model(FLOW, "velocity"))
+    out = smc_sample(model, FLOW, reward, 1.0, n=50, particles=8, shape=(1,), steps=10, dtype=torch.float64)
+    assert out.samples.shape == (50, 1) and out.particles.shape == (50, 8, 1)
+    assert model.sample_evals == 50 * 8 * 10  # ddpm: one model call per particle per step
+    assert reward.grad_evals == 0 and reward.evals == 50 * 8 * 11
+    assert float((out.samples > 0).double().mean()) > 0.85
+    torch.testing.assert_close(torch.logsumexp(out.log_weights, 1), torch.zeros(50, dtype=torch.float64))
+
+
+def test_best_of_n_picks_highest_reward():
+    base = two_modes()
+    out = best_of_n(base.model(FLOW, "velocity"), FLOW, LINEAR, n=20, particles=8, shape=(1,), steps=10,
+                    sampler="euler", dtype=torch.float64)
+    torch.testing.assert_close(out.samples[:, 0], out.particles[:, :, 0].max(1).values)
+
+
+def test_systematic_resampling_and_ess():
+    log_w = torch.log(torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64))
+    idx = systematic_resample(log_w, torch.Generator().manual_seed(0))
+    assert idx[0].tolist() == [1, 1, 1, 1] and sorted(idx[1].tolist()) == [0, 1, 2, 3]
+    torch.testing.assert_close(ess_fraction(log_w), torch.tensor([0.25, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(particles=0), "particles"), (dict(particles=2.5), "particles"), (dict(ess_threshold=0.0), "ess_threshold"),
+    (dict(ess_threshold=1.5), "ess_threshold"), (dict(n=0), "populations"), (dict(sampler="magic"), "sampler")])
+def test_bad_input(kwargs, match):
+    args = dict(n=2, particles=2, shape=(1,), steps=2)
+    args.update(kwargs)
+    with pytest.raises(TiltgenError, match=match):
+        smc_sample(two_modes().model(FLOW, "velocity"), FLOW, LINEAR, 1.0, **args)
+
+
+def test_drift_needs_stochastic_sampler_and_nan_reward_errors():
+    model = two_modes().model(FLOW, "velocity")
+    drift = TrainingFreeGuidance(LINEAR, 1.0, FLOW)
+    with pytest.raises(TiltgenError, match="stochastic"):
+        smc_sample(model, FLOW, LINEAR, 1.0, n=2, particles=2, shape=(1,), steps=2, drift=drift, sampler="heun")
+    nan = as_reward(lambda x0: x0[:, 0] * float("nan"), differentiable=False)
+    with pytest.raises(TiltgenError, match="non-finite"):
+        smc_sample(model, FLOW, nan, 1.0, n=2, particles=2, shape=(1,), steps=2)
+    with pytest.raises(TiltgenError, match="non-finite"):
+        best_of_n(model, FLOW, nan, n=2, particles=2, shape=(1,), steps=2)
+    with pytest.raises(TiltgenError, match="particles"):
+        best_of_n(model, FLOW, LINEAR, n=2, particles=0, shape=(1,), steps=2)
+
+
+def test_bench_patterns_and_costs():
+    for name in ["bestofn-4", "smc-4", "smc-4+trainingfree", "smc-2+tweedie", "bestofn-2+trainingfree-linear"]:
+        resolve_method(name)
+    for bad, match in [("smc-0", "particles"), ("smc-4+nope", "drift")]:
+        with pytest.raises(TiltgenError, match=match):
+            resolve_method(bad)
+    settings = BenchSettings(n=100, steps=5)
+    records = run_analytic_bench(["ring2d-linear-b2"], ["flow"], ["unguided", "smc-4", "bestofn-4", "smc-2+trainingfree"],
+                                 settings, progress=False).records
+    by = {r["method"]: r for r in records}
+    assert by["smc-4"]["model_evals"] == 4 * 5 and by["smc-4"]["sampler"] == "ddpm"
+    assert by["bestofn-4"]["model_evals"] == 4 * by["unguided"]["model_evals"]
+    assert by["smc-2+trainingfree"]["reward_grad_evals"] == 2 * 4  # drift on every step but the last
