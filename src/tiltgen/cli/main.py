@@ -10,6 +10,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import TiltgenError
+from .sample import DTYPES, add_sample_parser
 
 
 def _csv(value: str) -> list[str]:
@@ -21,7 +22,9 @@ def _bench_analytic(args: argparse.Namespace) -> int:
 
     base = BenchSettings.quick() if args.quick else BenchSettings()
     settings = BenchSettings(n=args.n or base.n, steps=args.steps or base.steps, sampler=args.sampler or base.sampler,
-                             floor_pairs=args.floor_pairs, seed=args.seed)
+                             floor_pairs=args.floor_pairs, seed=args.seed,
+                             train_steps=args.train_steps or base.train_steps, train_data=base.train_data,
+                             train_pool=base.train_pool)
     for path in (args.json, args.plot):  # fail before the work, not after it
         if path is not None and Path(path).is_dir():
             raise TiltgenError(f"output path {path} is a directory; give a file name")
@@ -38,6 +41,115 @@ def _bench_analytic(args: argparse.Namespace) -> int:
 
         print(f"plot written to {plot_analytic_2d(result, args.plot)}")
     return 0
+
+
+def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: str,
+                  times: tuple[float, ...] | None, data_dtype: str) -> "TrainConfig":
+    from ..tilt.learned import TrainConfig
+
+    return TrainConfig(beta=beta, loss=args.loss, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
+                       lr=args.lr, n_data=args.n_data, pool_size=args.pool_size, time_levels=args.time_levels,
+                       times=times, spacing=spacing, sampler=sampler, data_steps=args.data_steps,
+                       trajectory=args.trajectory, data_dtype=data_dtype, checkpoint_every=args.checkpoint_every,
+                       seed=args.seed)
+
+
+def _train_guidance(args: argparse.Namespace) -> int:
+    from ..tilt.learned import train_guidance
+
+    if (args.case is None) == (args.model is None):
+        raise TiltgenError("give exactly one of --case (analytic benchmark) or --model (diffusers pipeline)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TiltgenError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.resume:
+        raise TiltgenError(f"{out} is not empty; pass --resume to continue that run, or choose a new directory")
+    if args.model is not None:
+        model, schedule, reward, config, extra = _diffusers_training(args)
+    else:
+        model, schedule, reward, config, extra = _analytic_training(args)
+    result = train_guidance(model, schedule, reward, config, out_dir=out, resume=args.resume,
+                            progress=not args.no_progress, **extra)
+    rec = result.record
+    print(f"trained {rec['steps']} steps: final loss {rec['final_loss']:.4f}; data {rec['data_size']} samples; "
+          f"{rec['train_model_evals']} model evals, {rec['train_reward_evals']} reward evals, "
+          f"{rec['train_wall_s']:.1f} s")
+    print(f"guidance written to {out} (guidance.json, guidance.safetensors, loss.png)")
+    return 0
+
+
+def _analytic_training(args: argparse.Namespace) -> tuple:
+    from ..eval.analytic_cases import FAMILIES, get_case
+
+    case = get_case(args.case)
+    if args.family not in FAMILIES:
+        raise TiltgenError(f"unknown family {args.family!r}; choose one of: {', '.join(FAMILIES)}")
+    family = FAMILIES[args.family]
+    config = _train_config(args, case.beta if args.beta is None else args.beta, family.spacing,
+                           args.sampler or "heun", None, "float64")
+    model = case.base.model(family.schedule, family.prediction)
+    return model, family.schedule, case.reward, config, {"shape": (case.dim,)}
+
+
+def _diffusers_training(args: argparse.Namespace) -> tuple:
+    """A prompt-conditional guidance net on a diffusers pipeline's latents (reward on decoded images)."""
+    import torch
+
+    from ..backends.diffusers import DiffusersBackend
+    from ..rewards import reward_from_spec
+    from .sample import prompts_from_args
+
+    if not args.reward:
+        raise TiltgenError("--model needs --reward (the reward the guidance network learns)")
+    if args.beta is None:
+        raise TiltgenError("--model needs --beta (the tilt temperature)")
+    prompts = prompts_from_args(args)
+    reward = reward_from_spec(args.reward)
+    backend = DiffusersBackend.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]),
+                                               device=args.device, cache_dir=args.cache_dir)
+    model = backend.at(args.height, args.width, guidance_scale=args.cfg)
+    # train at the pipeline scheduler's own times, the ones `tiltgen sample` will guide at
+    times = tuple(float(t) for t in model.times(args.data_steps) if t > 0)
+    config = _train_config(args, args.beta, "uniform", args.sampler or "ddim", times, "float32")
+    extra = {"shape": model.latent_shape, "conditions": prompts, "cond_encoder": model.prompt_embedding}
+    return model, model.schedule, model.latent_reward(reward), config, extra
+
+
+def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train-guidance", help="train a learned guidance network",
+                                description="Train a guidance network q(x_t, t) ~ h_t = E[exp(r/beta) | x_t] on "
+                                            "samples of the base model: an analytic case (--case) or a diffusers "
+                                            "pipeline (--model, with --reward, --beta and prompts).")
+    train.add_argument("--case", help="analytic case (e.g. ring2d-linear-b2); sets model and reward")
+    train.add_argument("--family", default="vp", help="with --case: vp (eps, VP-linear) or flow (velocity)")
+    train.add_argument("--model", help="diffusers save_pretrained folder or cached model id")
+    train.add_argument("--reward", help="with --model: reward spec, e.g. 'pickscore:1.0,aesthetic:0.5'")
+    train.add_argument("--prompt", action="append", help="with --model: a training prompt (repeatable)")
+    train.add_argument("--prompts-file", help="with --model: text file, one training prompt per line")
+    train.add_argument("--cfg", type=float, help="with --model: classifier-free guidance scale of the sampler")
+    train.add_argument("--height", type=int)
+    train.add_argument("--width", type=int)
+    train.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="with --model")
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")
+    train.add_argument("--out", required=True, help="output directory (checkpoints, guidance.json, loss.png)")
+    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    train.add_argument("--beta", type=float, help="tilt temperature (default with --case: the case's)")
+    train.add_argument("--loss", default="logistic", help="logistic (default), poisson or mse")
+    train.add_argument("--eta", type=float, default=1.0, help="consistency weight (0 = off)")
+    train.add_argument("--steps", type=int, default=1500)
+    train.add_argument("--batch-size", type=int, default=1024)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--n-data", type=int, default=4000, help="base-model samples to train on")
+    train.add_argument("--pool-size", type=int, default=65536, help="noised training states")
+    train.add_argument("--time-levels", type=int, default=100, help="discrete training times")
+    train.add_argument("--sampler", help="sampler that generates the data (default heun; ddim with --model)")
+    train.add_argument("--data-steps", type=int, default=100, help="sampler steps for the data")
+    train.add_argument("--trajectory", action="store_true", help="train on the sampler's own states")
+    train.add_argument("--checkpoint-every", type=int, default=200)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(func=_train_guidance)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     analytic.add_argument("--json", help="write the records to this JSON file")
     analytic.add_argument("--plot", help="draw the 2-D cases to this PNG")
     analytic.add_argument("--no-progress", action="store_true", help="no progress bar")
+    analytic.add_argument("--train-steps", type=int, help="learned guidance: training steps (default 1500, quick 250)")
     analytic.set_defaults(func=_bench_analytic)
+    _add_train_guidance(commands)
+    add_sample_parser(commands)
     return parser
 
 

@@ -1,0 +1,129 @@
+"""Find and load a diffusers pipeline from a local folder or the Hugging Face cache (never the network).
+
+A *local folder* is anything a pipeline's ``save_pretrained`` wrote: a ``model_index.json`` naming
+the pipeline class and one sub-folder per component. A *model id* (``org/name``) is resolved in
+the local Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``cache_dir``) with
+``local_files_only=True``; tiltgen never downloads weights itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ...errors import TiltgenError
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
+                       "FluxPipeline")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".gguf")
+_NON_MODEL_COMPONENTS = ("tokenizer", "scheduler", "feature_extractor", "image_processor", "processor")
+
+
+def hf_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face hub cache folder that would be searched."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+                       revision: str | None = None) -> Path:
+    """Local folder of a diffusers pipeline: ``name_or_path`` itself, or its snapshot in the HF cache."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TiltgenError(f"model path {path} is a file; give the folder written by a diffusers pipeline's "
+                               "save_pretrained (it contains model_index.json)")
+        if not (path / "model_index.json").is_file():
+            raise TiltgenError(f"{path} has no model_index.json: not a diffusers pipeline folder (single-file "
+                               ".safetensors checkpoints are not supported; convert them with diffusers first)")
+        return path
+    if name.startswith((".", "/", "~", "\\")) or name.count("/") != 1:
+        raise TiltgenError(f"model path {path} does not exist (a Hugging Face model id has the form 'org/name')")
+    cache = hf_cache_dir(cache_dir)
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
+    except Exception as error:  # LocalEntryNotFoundError, HFValidationError, ...
+        raise TiltgenError(f"model {name!r} is not in the local Hugging Face cache ({cache}); tiltgen does not "
+                           f"download weights: run `huggingface-cli download {name}` on a machine with network "
+                           f"access (or set HF_HUB_CACHE / --cache-dir), or pass a local folder "
+                           f"[{type(error).__name__}]") from None
+    path = Path(snapshot)
+    if not (path / "model_index.json").is_file():
+        raise TiltgenError(f"model {name!r} in the Hugging Face cache ({path}) has no model_index.json: "
+                           "it is not a diffusers pipeline (or its download is incomplete)")
+    return path
+
+
+def read_model_index(path: Path) -> dict[str, Any]:
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise TiltgenError(f"cannot read {path / 'model_index.json'}: {error}") from None
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise TiltgenError(f"{path / 'model_index.json'} has no _class_name")
+    return index
+
+
+def check_components(path: Path, index: dict[str, Any]) -> None:
+    """Every component the index names must have its folder, and every model its config and weights."""
+    missing = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            missing.append(f"{name}/ (folder)")
+            continue
+        if name.startswith(_NON_MODEL_COMPONENTS):
+            continue
+        if not (folder / "config.json").is_file():
+            missing.append(f"{name}/config.json")
+        if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir()):
+            missing.append(f"{name}/*.safetensors (weights)")
+    if missing:
+        raise TiltgenError(f"pipeline folder {path} is incomplete; missing: {', '.join(missing)}")
+
+
+def load_pipeline(name_or_path: str | os.PathLike, *, torch_dtype: Any = None, cache_dir: str | os.PathLike | None = None,
+                  revision: str | None = None, variant: str | None = None) -> Any:
+    """Load the diffusers pipeline named by ``model_index.json`` from a folder or the local HF cache."""
+    path = resolve_model_path(name_or_path, cache_dir=cache_dir, revision=revision)
+    index = read_model_index(path)
+    class_name = index["_class_name"]
+    if class_name not in SUPPORTED_PIPELINES:
+        raise TiltgenError(f"{path}: pipeline class {class_name!r} is not supported; supported: "
+                           f"{', '.join(SUPPORTED_PIPELINES)}")
+    check_components(path, index)
+    try:
+        import diffusers
+    except ImportError:
+        raise TiltgenError("loading diffusers pipelines needs the optional dependencies: "
+                           "pip install 'tiltgen[diffusers]'") from None
+    cls = getattr(diffusers, class_name)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    if variant is not None:
+        kwargs["variant"] = variant
+    # components the folder omits (e.g. SD3 saved without its T5 encoder) load as None
+    import inspect
+
+    for name, param in inspect.signature(cls.__init__).parameters.items():
+        spec = index.get(name)
+        absent = spec is None or (isinstance(spec, (list, tuple)) and spec and spec[0] is None)
+        if name != "self" and absent and param.default in (inspect.Parameter.empty, None):
+            kwargs[name] = None
+    try:
+        pipe = cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise TiltgenError(f"cannot load {class_name} from {path}: {error}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

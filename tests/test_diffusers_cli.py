@@ -1,0 +1,84 @@
+"""`tiltgen sample` on a tiny saved pipeline, offline."""
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("diffusers")
+
+import diffusers_tiny as tiny  # noqa: E402
+
+from tiltgen.cli.main import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sd")
+    tiny.tiny_sd("euler-trailing").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("method", ["unguided", "tweedie", "trainingfree"])
+def test_sample_writes_images_and_record(sd_dir, tmp_path, method, capsys):
+    out = tmp_path / "out"
+    rc = main(["sample", "--model", str(sd_dir), "--prompt", "a cat", "--prompt", "a dog", "--n", "2",
+               "--reward", "brightness:1,saturation:0.5", "--method", method, "--beta", "0.05", "--steps", "2",
+               "--cfg", "1", "--height", "16", "--width", "16", "--seed", "3", "--eval-reward", "jpeg",
+               "--out", str(out)])
+    assert rc == 0
+    record = json.loads((out / "sample.json").read_text())
+    assert record["method"] == method and record["family"] == "sd" and len(record["samples"]) == 4
+    assert [s["seed"] for s in record["samples"]] == [3, 4, 5, 6]
+    assert all(isinstance(s["reward"], float) for s in record["samples"])
+    assert set(record["samples"][0]["terms"]) == {"brightness", "saturation", "eval:jpeg"}
+    assert all((out / s["file"]).is_file() for s in record["samples"])
+    assert "images written" in capsys.readouterr().out
+
+
+def test_sample_errors_are_clean(tmp_path, sd_dir, capsys):
+    assert main(["sample", "--model", "org/not-here", "--prompt", "x", "--out", str(tmp_path / "o"),
+                 "--cache-dir", str(tmp_path / "hub")]) == 2
+    err = capsys.readouterr().err
+    assert "'org/not-here' is not in the local Hugging Face cache" in err and str(tmp_path / "hub") in err
+    assert main(["sample", "--model", str(sd_dir), "--prompt", "x", "--method", "tweedie", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "needs --reward" in capsys.readouterr().err
+    assert main(["sample", "--model", str(sd_dir), "--prompt", "x", "--method", "learned", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "--guidance PATH" in capsys.readouterr().err
+
+
+def test_train_guidance_then_sample_learned(tmp_path, capsys):
+    """The SDXL-Turbo recipe on a tiny pipeline, all from the CLI: train a prompt-conditional
+    net on the one-step sampler's own states, then sample 1 step with it."""
+    tiny.tiny_sdxl().save_pretrained(tmp_path / "sdxlt")
+    train = ["train-guidance", "--model", str(tmp_path / "sdxlt"), "--reward", "brightness", "--beta", "0.05",
+             "--prompt", "a cat", "--prompt", "a dog", "--cfg", "0", "--height", "16", "--width", "16",
+             "--data-steps", "1", "--trajectory", "--steps", "3", "--batch-size", "8", "--n-data", "2",
+             "--pool-size", "8", "--eta", "0", "--no-progress", "--out", str(tmp_path / "g")]
+    assert main(train) == 0
+    record = json.loads((tmp_path / "g" / "guidance.json").read_text())
+    assert record["steps"] == 3 and record["train_reward_evals"] == 4  # 2 prompts x 2 samples
+    argv = ["sample", "--model", str(tmp_path / "sdxlt"), "--prompt", "a cat", "--method", "learned", "--guidance",
+            str(tmp_path / "g"), "--steps", "1", "--cfg", "0", "--height", "16", "--width", "16",
+            "--reward", "brightness", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "out" / "sample.json").read_text())
+    assert record["method"] == "learned" and record["steps"] == 1 and record["cfg"] == 0.0
+
+
+def test_train_guidance_errors_are_clean(tmp_path, sd_dir, capsys):
+    assert main(["train-guidance", "--out", str(tmp_path / "g")]) == 2
+    assert "exactly one of --case" in capsys.readouterr().err
+    assert main(["train-guidance", "--model", str(sd_dir), "--beta", "0.1", "--prompt", "x",
+                 "--out", str(tmp_path / "g")]) == 2
+    assert "needs --reward" in capsys.readouterr().err
+    assert main(["train-guidance", "--model", str(sd_dir), "--reward", "brightness", "--beta", "0",
+                 "--prompt", "x", "--out", str(tmp_path / "g")]) == 2
+    assert "beta must be" in capsys.readouterr().err
+    assert main(["train-guidance", "--model", str(sd_dir), "--reward", "no-such-reward", "--beta", "0.1",
+                 "--prompt", "x", "--out", str(tmp_path / "g")]) == 2
+    assert "unknown reward 'no-such-reward'" in capsys.readouterr().err
