@@ -120,3 +120,20 @@ def test_plain_callables_work_as_model_and_reward():
         as_model(velocity)
     with pytest.raises(TiltgenError, match="differentiable"):
         as_reward(lambda x0: x0.sum(1))
+
+
+def test_closed_form_reward_gradient_matches_autograd_and_is_counted():
+    from tiltgen.core.reward import CountingReward, reward_gradient
+
+    reward = QuadraticReward.centered(torch.tensor([1.0, -0.5]), torch.tensor([[2.0, 0.3], [0.3, 1.0]]))
+    x = torch.randn(7, 2, dtype=torch.float64)
+    autograd_only = as_reward(lambda x0, c: reward(x0), differentiable=True)  # no .grad: autograd path
+    torch.testing.assert_close(reward_gradient(reward, x), reward_gradient(autograd_only, x))
+    counted = CountingReward(reward)
+    reward_gradient(counted, x)
+    assert counted.evals == 7 and counted.grad_evals == 7
+    assert getattr(CountingReward(autograd_only), "grad", None) is None
+    bad = as_reward(lambda x0, c: x0.sum(1), differentiable=True)
+    bad.grad = lambda x0, c: x0[:, :1]
+    with pytest.raises(TiltgenError, match="grad returned shape"):
+        reward_gradient(bad, x)

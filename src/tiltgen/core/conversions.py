@@ -14,6 +14,7 @@ system that relates (x_t, prediction) to (x0, eps), ``from_x0_eps`` maps back.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,15 +47,30 @@ def as_time(t: Tensor | float, x: Tensor) -> Tensor:
 
 
 def coefficients(schedule: Schedule, t: Tensor | float, x: Tensor) -> Coefficients:
-    """Schedule coefficients at time ``t`` (scalar or [N]) shaped [N, 1, ..., 1] like ``x``."""
+    """Schedule coefficients at time ``t`` (scalar or [N]), shaped to broadcast against ``x``:
+    [N, 1, ..., 1], or [1, 1, ..., 1] when every sample shares one time. The shared case is
+    the sampler's, which runs at every model call, so it is cached per (schedule, t)."""
     t = as_time(t, x)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    if t.shape[0] > 0 and (t.stride(0) == 0 or bool((t == t[0]).all())):
+        return _shared_coefficients(schedule, float(t[0]), x.dtype, x.device, x.ndim)
+    return _coefficients(schedule, t, (t.shape[0],) + (1,) * (x.ndim - 1), x.dtype, x.device)
+
+
+def _coefficients(schedule: Schedule, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> Coefficients:
+    t64 = t.to(torch.float64)  # schedules are evaluated in float64, then cast
 
     def shaped(fn) -> Tensor:
-        return fn(t).to(x.dtype).reshape(shape)
+        return fn(t64).to(dtype=dtype, device=device).reshape(shape)
 
     return Coefficients(shaped(schedule.alpha), shaped(schedule.sigma),
                         shaped(schedule.d_alpha), shaped(schedule.d_sigma))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shared_coefficients(schedule: Schedule, t: float, dtype: torch.dtype, device: torch.device,
+                         ndim: int) -> Coefficients:
+    return _coefficients(schedule, torch.tensor([t], dtype=torch.float64), (1,) * ndim, dtype, device)
 
 
 def to_x0_eps(kind: str, prediction: Tensor, x_t: Tensor, c: Coefficients) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,12 @@ from ..errors import TiltgenError
 
 @runtime_checkable
 class Reward(Protocol):
-    """A reward function r(x0, c) evaluated on a batch of N samples."""
+    """A reward function r(x0, c) evaluated on a batch of N samples.
+
+    A reward that knows its gradient in closed form may also define
+    ``grad(x0, cond) -> tensor shaped like x0``; :func:`reward_gradient` then uses it
+    instead of autograd (cheaper for simple rewards; an NN reward simply omits it).
+    """
 
     differentiable: bool
 
@@ -73,6 +78,24 @@ def evaluate_reward(reward: Reward, x0: Tensor, cond: Any = None) -> Tensor:
     return values
 
 
+def reward_gradient(reward: Reward, x0: Tensor, cond: Any = None) -> Tensor:
+    """grad_x0 r(x0, c) [N, ...] at a detached x0: the reward's closed-form ``grad`` if it has
+    one, else autograd through the reward only. Non-finite rewards or gradients raise."""
+    closed_form = getattr(reward, "grad", None)
+    if closed_form is not None:
+        grad = closed_form(x0.detach(), cond)
+        if grad.shape != x0.shape:
+            raise TiltgenError(f"reward {reward_name(reward)!r} grad returned shape {tuple(grad.shape)}, "
+                               f"expected {tuple(x0.shape)}")
+    else:
+        with torch.enable_grad():
+            x = x0.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(evaluate_reward(reward, x, cond).sum(), x)
+    if not bool(torch.isfinite(grad).all()):
+        raise TiltgenError(f"reward {reward_name(reward)!r} has a non-finite gradient")
+    return grad.detach()
+
+
 class CountingReward:
     """Counts per-sample reward evaluations and those differentiated (input requires grad)."""
 
@@ -89,6 +112,23 @@ class CountingReward:
             self.grad_evals += x0.shape[0]
         return self.reward(x0, cond)
 
+    @property
+    def grad(self) -> Callable[[Tensor, Any], Tensor]:
+        """The wrapped reward's closed-form gradient, counted as an evaluation and a gradient
+        evaluation (AttributeError if it has none, so ``getattr(r, "grad", None)`` works)."""
+        inner = getattr(self.reward, "grad", None)
+        if inner is None:
+            raise AttributeError("grad")
+
+        def counted(x0: Tensor, cond: Any = None) -> Tensor:
+            self.evals += x0.shape[0]
+            self.grad_evals += x0.shape[0]
+            return inner(x0, cond)
+
+        return counted
+
     def __getattr__(self, name: str) -> Any:
         # Expose the wrapped reward's own attributes (e.g. closed-form parameters).
-        return getattr(self.__dict__["reward"], name)
+        if name == "reward" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.reward, name)

@@ -46,12 +46,21 @@ class QuadraticReward:
         m = torch.as_tensor(center, dtype=torch.float64)
         return cls(A=A, w=A @ m, c=-0.5 * float(m @ A @ m), name=name)
 
-    def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
+    def _flat(self, x0: Tensor) -> Tensor:
         x = x0.reshape(x0.shape[0], -1)
         if x.shape[1] != self.dim:
             raise TiltgenError(f"reward {self.name!r} is defined on dimension {self.dim}, got samples of dimension {x.shape[1]}")
+        return x
+
+    def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
+        x = self._flat(x0)
         A, w = self.A.to(x), self.w.to(x)
         return -0.5 * ((x @ A) * x).sum(1) + x @ w + self.c
+
+    def grad(self, x0: Tensor, cond: Any = None) -> Tensor:
+        """Closed-form gradient w - A x (A symmetric), shaped like x0."""
+        x = self._flat(x0)
+        return (self.w.to(x) - x @ self.A.to(x)).reshape(x0.shape)
 
 
 @register_reward("linear")

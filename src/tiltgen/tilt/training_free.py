@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.conversions import as_time
-from ..core.reward import Reward, as_reward, evaluate_reward, reward_name
+from ..core.conversions import coefficients
+from ..core.reward import Reward, as_reward, evaluate_reward, reward_gradient, reward_name
 from ..core.schedules import Schedule
 from ..errors import TiltgenError, check_beta, check_choice
 from .base import check_window, in_window
@@ -52,27 +52,11 @@ VARIANTS = ("linear", "bounded", "newton", "snis")
 
 
 def posterior_variance(schedule: Schedule, t: Tensor, x: Tensor, data_var: float) -> Tensor:
-    """nu_t = s^2 sigma^2 / (alpha^2 s^2 + sigma^2), shaped [N, 1, ...] like ``x``."""
-    t = as_time(t, x)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    # Samplers call with one shared time: compute on one element (this runs every model call).
-    if bool((t == t[0]).all()):
-        return _nu(schedule, t[:1], data_var).to(x.dtype).reshape((1,) + shape[1:]).expand(shape)
-    return _nu(schedule, t, data_var).to(x.dtype).reshape(shape)
-
-
-def _nu(schedule: Schedule, t: Tensor, data_var: float) -> Tensor:
-    alpha2, sigma2 = schedule.alpha(t) ** 2, schedule.sigma(t) ** 2
-    return data_var * sigma2 / (alpha2 * data_var + sigma2)
-
-
-def reward_grad(reward: Reward, x0: Tensor, cond: Any) -> Tensor:
-    """grad_x0 r(x0, c) [N, ...] at a detached x0 (a backward pass through the reward only)."""
-    with torch.enable_grad():
-        x = x0.detach().requires_grad_(True)
-        r = evaluate_reward(reward, x, cond)
-        (grad,) = torch.autograd.grad(r.sum(), x)
-    return grad.detach()
+    """nu_t = s^2 sigma^2 / (alpha^2 s^2 + sigma^2), shaped to broadcast against ``x``
+    ([N, 1, ...], or [1, 1, ...] when every sample shares t: the cached sampler case)."""
+    c = coefficients(schedule, t, x)
+    sigma2 = c.sigma**2
+    return data_var * sigma2 / (c.alpha**2 * data_var + sigma2)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -85,12 +69,12 @@ def _newton_shift(reward: Reward, x0: Tensor, cond: Any, nu: Tensor, beta: float
 
     M v is exact for a quadratic reward (M = nu A / beta) and a secant otherwise.
     """
-    g0 = reward_grad(reward, x0, cond)
+    g0 = reward_gradient(reward, x0, cond)
     b = nu * g0 / beta
     s, res, p = torch.zeros_like(b), b.clone(), b.clone()
     rr = _dot(res, res)
     for _ in range(steps):
-        mp = nu / beta * (g0 - reward_grad(reward, x0 + p, cond))
+        mp = nu / beta * (g0 - reward_gradient(reward, x0 + p, cond))
         ap = p + mp
         denom = _dot(p, ap)
         # (I + M) is positive definite for concave rewards; stop a direction where it is not.
@@ -186,9 +170,9 @@ class TrainingFreeGuidance:
         x0 = x0_hat.detach()
         nu = posterior_variance(self.schedule, t, x0, self.data_var)
         if self.variant == "linear":
-            return nu * reward_grad(self.reward, x0, cond) / self.beta
+            return nu * reward_gradient(self.reward, x0, cond) / self.beta
         if self.variant == "bounded":
-            return _bounded_shift(reward_grad(self.reward, x0, cond), nu, self.beta)
+            return _bounded_shift(reward_gradient(self.reward, x0, cond), nu, self.beta)
         if self.variant == "newton":
             return _newton_shift(self.reward, x0, cond, nu, self.beta, self.cg_steps)
         z = _draws(self.draws, tuple(x0.shape[1:]), x0.dtype, x0.device, self.seed)
