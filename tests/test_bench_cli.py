@@ -48,14 +48,16 @@ def test_small_bench_exact_reaches_target_and_tweedie_overshoots():
 
 
 def test_cli_writes_json_and_plot(tmp_path, capsys):
-    out_json, out_png = tmp_path / "r.json", tmp_path / "p.png"
+    out_json, out_png, out_md = tmp_path / "r.json", tmp_path / "p.png", tmp_path / "t.md"
     code = main(["bench", "analytic", "--quick", "--cases", "ring2d-linear-b2", "--families", "flow",
                  "--methods", "unguided,exact", "--n", "300", "--steps", "10", "--json", str(out_json),
-                 "--plot", str(out_png), "--no-progress"])
+                 "--plot", str(out_png), "--markdown", str(out_md), "--no-progress"])
     assert code == 0
     records = json.loads(out_json.read_text())
     assert [r["method"] for r in records] == ["unguided", "exact"] and KEYS <= set(records[0])
     assert out_png.stat().st_size > 10_000
+    table = out_md.read_text().splitlines()
+    assert len(table) == 4 and table[3].startswith("| ring2d-linear-b2 | flow | exact |")
     assert "energy_dist" in capsys.readouterr().out
 
 

@@ -18,14 +18,15 @@ def _csv(value: str) -> list[str]:
 
 
 def _bench_analytic(args: argparse.Namespace) -> int:
-    from ..eval.analytic_bench import BenchSettings, format_table, run_analytic_bench
+    from ..eval.analytic_bench import BenchSettings, format_markdown, format_table, run_analytic_bench
 
     base = BenchSettings.quick() if args.quick else BenchSettings()
     settings = BenchSettings(n=args.n or base.n, steps=args.steps or base.steps, sampler=args.sampler or base.sampler,
                              floor_pairs=args.floor_pairs, seed=args.seed,
                              train_steps=args.train_steps or base.train_steps, train_data=base.train_data,
-                             train_pool=base.train_pool)
-    for path in (args.json, args.plot):  # fail before the work, not after it
+                             train_pool=base.train_pool,
+                             timing_repeats=args.timing_repeats or base.timing_repeats)
+    for path in (args.json, args.plot, args.markdown):  # fail before the work, not after it
         if path is not None and Path(path).is_dir():
             raise TiltgenError(f"output path {path} is a directory; give a file name")
     result = run_analytic_bench(args.cases, args.families, args.methods, settings, progress=not args.no_progress)
@@ -36,6 +37,10 @@ def _bench_analytic(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result.records, indent=2))
         print(f"records written to {args.json}")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(format_markdown(result.records) + "\n")
+        print(f"markdown table written to {args.markdown}")
     if args.plot:
         from ..eval.plots import plot_analytic_2d
 
@@ -172,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     analytic.add_argument("--seed", type=int, default=0)
     analytic.add_argument("--json", help="write the records to this JSON file")
     analytic.add_argument("--plot", help="draw the 2-D cases to this PNG")
+    analytic.add_argument("--timing-repeats", type=int,
+                          help="wall_s = fastest of this many interleaved timings of each method's sampling "
+                               "(default 2, quick 1)")
+    analytic.add_argument("--markdown", help="write the results as a Markdown table to this file")
     analytic.add_argument("--no-progress", action="store_true", help="no progress bar")
     analytic.add_argument("--train-steps", type=int, help="learned guidance: training steps (default 1500, quick 250)")
     analytic.set_defaults(func=_bench_analytic)
