@@ -112,7 +112,8 @@ def test_drift_needs_stochastic_sampler_and_nan_reward_errors():
 def test_bench_patterns_and_costs():
     for name in ["bestofn-4", "smc-4", "smc-4+trainingfree", "smc-2+tweedie", "bestofn-2+trainingfree-linear"]:
         resolve_method(name)
-    for bad, match in [("smc-0", "particles"), ("smc-4+nope", "drift")]:
+    for bad, match in [("smc-0", "particles"), ("smc-4+nope", "drift"), ("bestofn-0", "particles"),
+                       ("bestofn-4+nope", "drift")]:
         with pytest.raises(TiltgenError, match=match):
             resolve_method(bad)
     settings = BenchSettings(n=100, steps=5)

@@ -98,14 +98,15 @@ def _parse(match: re.Match[str]) -> tuple[int, str | None]:
     particles = int(match.group(1))
     if particles < 1:
         raise TiltgenError(f"the number of particles N must be >= 1, got {particles} in {match.group(0)!r}")
-    return particles, match.group(2)
+    drift = match.group(2)
+    if drift is not None and drift not in DRIFTS:
+        raise TiltgenError(f"unknown drift {drift!r} in {match.group(0)!r}; choose one of: {', '.join(sorted(DRIFTS))}")
+    return particles, drift
 
 
 @register_method_pattern(r"smc-(\d+)(?:\+(.+))?", example="smc-<N>[+<drift>]")
 def _smc_factory(match: re.Match[str]) -> MethodRunner:
     particles, drift = _parse(match)
-    if drift is not None and drift not in DRIFTS:
-        raise TiltgenError(f"unknown drift {drift!r} in {match.group(0)!r}; choose one of: {', '.join(sorted(DRIFTS))}")
 
     def run(ctx: MethodContext) -> MethodOutput:
         s, parts, resamples = ctx.settings, [], 0
@@ -125,8 +126,6 @@ def _smc_factory(match: re.Match[str]) -> MethodRunner:
 @register_method_pattern(r"bestofn-(\d+)(?:\+(.+))?", example="bestofn-<N>[+<drift>]")
 def _bestofn_factory(match: re.Match[str]) -> MethodRunner:
     particles, drift = _parse(match)
-    if drift is not None and drift not in DRIFTS:
-        raise TiltgenError(f"unknown drift {drift!r} in {match.group(0)!r}; choose one of: {', '.join(sorted(DRIFTS))}")
 
     def run(ctx: MethodContext) -> MethodOutput:
         s = ctx.settings
