@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import TiltgenError
+from ..hub import cached_snapshot, hf_cache_dir, looks_like_model_id
 from .checkpoints import load_strict, open_clip_to_hf, read_state_dict
 from .registry import register_reward
 
@@ -38,17 +39,12 @@ def resolve_local(name_or_path: str | Path, what: str) -> Path:
     if path.exists():
         return path
     name = str(name_or_path)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+    if looks_like_model_id(name):
         try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(name, local_files_only=True))
-        except Exception:
-            from huggingface_hub import constants
-
+            return cached_snapshot(name)
+        except LookupError:
             raise TiltgenError(f"{what}: {name!r} is neither a local path nor in the local Hugging Face cache "
-                               f"({constants.HF_HUB_CACHE}); download it first (huggingface-cli download {name})") \
-                from None
+                               f"({hf_cache_dir()}); download it first (huggingface-cli download {name})") from None
     raise TiltgenError(f"{what}: path {path} does not exist")
 
 

@@ -14,20 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import TiltgenError
+from ...hub import cached_snapshot, hf_cache_dir, looks_like_model_id
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
                        "FluxPipeline")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt", ".gguf")
 _NON_MODEL_COMPONENTS = ("tokenizer", "scheduler", "feature_extractor", "image_processor", "processor")
-
-
-def hf_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The Hugging Face hub cache folder that would be searched."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
@@ -43,19 +35,15 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, cache_dir: str | os.P
             raise TiltgenError(f"{path} has no model_index.json: not a diffusers pipeline folder (single-file "
                                ".safetensors checkpoints are not supported; convert them with diffusers first)")
         return path
-    if name.startswith((".", "/", "~", "\\")) or name.count("/") != 1:
+    if not looks_like_model_id(name):
         raise TiltgenError(f"model path {path} does not exist (a Hugging Face model id has the form 'org/name')")
-    cache = hf_cache_dir(cache_dir)
     try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
-    except Exception as error:  # LocalEntryNotFoundError, HFValidationError, ...
-        raise TiltgenError(f"model {name!r} is not in the local Hugging Face cache ({cache}); tiltgen does not "
-                           f"download weights: run `huggingface-cli download {name}` on a machine with network "
-                           f"access (or set HF_HUB_CACHE / --cache-dir), or pass a local folder "
-                           f"[{type(error).__name__}]") from None
-    path = Path(snapshot)
+        path = cached_snapshot(name, cache_dir=cache_dir, revision=revision)
+    except LookupError as error:
+        raise TiltgenError(f"model {name!r} is not in the local Hugging Face cache ({hf_cache_dir(cache_dir)}); "
+                           f"tiltgen does not download weights: run `huggingface-cli download {name}` on a machine "
+                           f"with network access (or set HF_HUB_CACHE / --cache-dir), or pass a local folder "
+                           f"[{error}]") from None
     if not (path / "model_index.json").is_file():
         raise TiltgenError(f"model {name!r} in the Hugging Face cache ({path}) has no model_index.json: "
                            "it is not a diffusers pipeline (or its download is incomplete)")
