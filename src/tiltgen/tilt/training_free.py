@@ -36,6 +36,7 @@ x0 form is returned, so nothing divides by alpha = 0). See docs/training-free-gu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -152,7 +153,7 @@ class TrainingFreeGuidance:
                                f"{reward_name(self.reward)!r} is not: use variant='snis' (reward values only)")
         self.beta = check_beta(beta)
         self.schedule = schedule
-        if not (float(data_var) > 0 and torch.isfinite(torch.tensor(float(data_var)))):
+        if not (float(data_var) > 0 and math.isfinite(float(data_var))):
             raise TiltgenError(f"data_var must be a finite number > 0, got {data_var!r}")
         self.data_var = float(data_var)
         self.scale = float(scale)

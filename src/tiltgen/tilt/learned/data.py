@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ...core.conversions import coefficients
 from ...core.model import Denoiser, Model
 from ...core.reward import Reward, evaluate_reward
 from ...core.samplers import StepInfo, evals_per_sample, sample, time_grid
@@ -149,8 +150,8 @@ def build_pool(data: GuidanceData, model: Model, schedule: Schedule, *, beta: fl
         t = times[torch.randint(0, times.numel(), (size,), generator=g)]
         x0 = data.x0[idx]
         eps = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(x0.dtype)
-        shape = (size,) + (1,) * (x0.ndim - 1)
-        x_t = schedule.alpha(t).to(x0.dtype).reshape(shape) * x0 + schedule.sigma(t).to(x0.dtype).reshape(shape) * eps
+        c = coefficients(schedule, t, x0)
+        x_t = c.alpha * x0 + c.sigma * eps
     x0_hat = None
     evals = 0
     if with_x0_hat:

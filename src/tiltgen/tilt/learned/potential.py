@@ -42,20 +42,16 @@ class GuidancePotential(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
 
-    def _scales(self, x: Tensor, t: Tensor) -> tuple[Tensor | float, Tensor | float, Tensor | float]:
-        """alpha, sigma, c_in: floats when every row shares t (sampling), else [N, 1, ...] tensors."""
-        if t.numel() == 1 or bool((t == t[0]).all()):
-            # the sampler's case: a handful of scalar ops instead of per-row tensor arithmetic
-            t0 = t[:1].to(torch.float64)
-            alpha, sigma = float(self.schedule.alpha(t0)), float(self.schedule.sigma(t0))
-            return alpha, sigma, (alpha**2 * self.s_data**2 + sigma**2) ** -0.5
-        c = coefficients(self.schedule, t.to(torch.float64), x.to(torch.float64))
-        c_in = 1.0 / torch.sqrt(c.alpha**2 * self.s_data**2 + c.sigma**2)
-        return c.alpha.to(self.dtype), c.sigma.to(self.dtype), c_in.to(self.dtype)
+    def _scales(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """alpha, sigma, c_in shaped to broadcast against x: [N, 1, ...], or [1, 1, ...] (cached)
+        when every row shares t, as in sampling (see ``core.conversions.coefficients``)."""
+        c = coefficients(self.schedule, t, x)
+        alpha, sigma = c.alpha.to(self.dtype), c.sigma.to(self.dtype)
+        return alpha, sigma, torch.rsqrt(alpha**2 * self.s_data**2 + sigma**2)
 
     @staticmethod
-    def _rows(value: Tensor | float) -> Tensor | float:
-        return value.flatten() if isinstance(value, Tensor) else value
+    def _rows(value: Tensor) -> Tensor:
+        return value.flatten()
 
     def logit(self, x: Tensor, t: Tensor, emb: Tensor | None = None) -> Tensor:
         """log q_psi(x, t) [N] (an estimate of log h_t - log Z)."""
