@@ -511,10 +511,9 @@ class LatentReward:
 
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
         prompts = cond.prompts if isinstance(cond, PromptCondition) else cond
-        if not self.differentiable or not torch.is_grad_enabled():
-            with torch.no_grad():
-                return self.reward(self.model.decode(x0), prompts).float()
-        return self.reward(self.model.decode(x0), prompts).float()
+        # no graph through the VAE unless a gradient of this reward can be taken and is wanted
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            return self.reward(self.model.decode(x0), prompts).float()
 
 
 def _has_sigmas(scheduler: Any) -> bool:
