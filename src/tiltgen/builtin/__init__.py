@@ -50,3 +50,9 @@ def resolve_weights(name_or_path: str | Path, what: str) -> Path:
         raise TiltgenError(f"{what} path {path} does not exist (use builtin:<name> for shipped weights: "
                            f"{', '.join(available_builtins()) or 'none'})")
     return path
+
+
+def is_builtin_model(name_or_path: str | Path) -> bool:
+    """True for ``builtin:<name>`` and for folders holding a built-in model's ``tiltgen_model.json``."""
+    text = str(name_or_path)
+    return text.startswith(PREFIX) or (Path(text).expanduser() / "tiltgen_model.json").is_file()

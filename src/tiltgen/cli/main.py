@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -55,7 +56,8 @@ def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: 
     return TrainConfig(beta=beta, loss=args.loss, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, n_data=args.n_data, pool_size=args.pool_size, time_levels=args.time_levels,
                        times=times, spacing=spacing, sampler=sampler, data_steps=args.data_steps,
-                       trajectory=args.trajectory, data_dtype=data_dtype, checkpoint_every=args.checkpoint_every,
+                       trajectory=args.trajectory or args.noise_tilt, noise_tilt=args.noise_tilt,
+                       data_dtype=data_dtype, checkpoint_every=args.checkpoint_every,
                        seed=args.seed)
 
 
@@ -70,7 +72,7 @@ def _train_guidance(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.resume:
         raise TiltgenError(f"{out} is not empty; pass --resume to continue that run, or choose a new directory")
     if args.model is not None:
-        model, schedule, reward, config, extra = _diffusers_training(args)
+        model, schedule, reward, config, extra = _text_to_image_training(args)
     else:
         model, schedule, reward, config, extra = _analytic_training(args)
     result = train_guidance(model, schedule, reward, config, out_dir=out, resume=args.resume,
@@ -96,11 +98,12 @@ def _analytic_training(args: argparse.Namespace) -> tuple:
     return model, family.schedule, case.reward, config, {"shape": (case.dim,)}
 
 
-def _diffusers_training(args: argparse.Namespace) -> tuple:
-    """A prompt-conditional guidance net on a diffusers pipeline's latents (reward on decoded images)."""
+def _text_to_image_training(args: argparse.Namespace) -> tuple:
+    """A prompt-conditional guidance net on a built-in model's images or a diffusers pipeline's
+    latents (the reward is evaluated on decoded images)."""
     import torch
 
-    from ..backends.diffusers import DiffusersBackend
+    from ..builtin import is_builtin_model
     from ..rewards import reward_from_spec
     from .sample import prompts_from_args
 
@@ -110,14 +113,75 @@ def _diffusers_training(args: argparse.Namespace) -> tuple:
         raise TiltgenError("--model needs --beta (the tilt temperature)")
     prompts = prompts_from_args(args)
     reward = reward_from_spec(args.reward)
-    backend = DiffusersBackend.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]),
-                                               device=args.device, cache_dir=args.cache_dir)
-    model = backend.at(args.height, args.width, guidance_scale=args.cfg)
-    # train at the pipeline scheduler's own times, the ones `tiltgen sample` will guide at
+    if is_builtin_model(args.model):
+        from ..builtin.data import check_prompt
+        from ..builtin.models import load_model
+
+        for p in prompts:
+            check_prompt(p)
+        model = load_model(args.model, device=args.device)
+        if args.cfg is not None:
+            model.cfg_scale = float(args.cfg)
+        sampler = args.sampler or model.default_sampler
+    else:
+        from ..backends.diffusers import DiffusersBackend
+
+        backend = DiffusersBackend.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]),
+                                                   device=args.device, cache_dir=args.cache_dir)
+        model = backend.at(args.height, args.width, guidance_scale=args.cfg)
+        sampler = args.sampler or "ddim"
+    # train at the model's own sampling times, the ones `tiltgen sample` will guide at
     times = tuple(float(t) for t in model.times(args.data_steps) if t > 0)
-    config = _train_config(args, args.beta, "uniform", args.sampler or "ddim", times, "float32")
+    config = _train_config(args, args.beta, "uniform", sampler, times, "float32")
     extra = {"shape": model.latent_shape, "conditions": prompts, "cond_encoder": model.prompt_embedding}
     return model, model.schedule, model.latent_reward(reward), config, extra
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..builtin.data import DEMO_PROMPTS, held_out_prompts, training_prompts
+    from ..eval.world_demo import DemoSettings, fresh_output_dir, parse_rows, run_demo, write_reports
+
+    if args.prompt:
+        prompts, prompt_set = list(args.prompt), "custom"
+    else:
+        prompt_set = args.prompt_set
+        prompts = {"demo": list(DEMO_PROMPTS), "heldout": held_out_prompts(),
+                   "train": training_prompts(24)}[prompt_set]
+    out = Path(args.out) if args.out else fresh_output_dir()
+    if out.exists() and not out.is_dir():
+        raise TiltgenError(f"output path {out} exists and is not a directory")
+    settings = DemoSettings(prompts=prompts, prompt_set=prompt_set, n=args.n, beta=args.beta, seed=args.seed,
+                            rows=parse_rows(args.rows))
+    start = time.perf_counter()
+    results = run_demo(settings, progress=not args.no_progress)
+    paths = write_reports(results, settings, out, time.perf_counter() - start)
+    from ..eval.world_demo import COLUMNS, markdown_table
+
+    print(markdown_table([r.record for r in results], COLUMNS))
+    print(f"demo written to {out}: {paths['grid'].name} (rows = methods), {paths['md'].name}, {paths['json'].name} "
+          f"({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    from ..eval.world_demo import DEFAULT_BETA
+
+    demo = commands.add_parser("demo", help="the built-in text-to-image world: every guidance method, measured",
+                               description="Sample the built-in shapes models (diffusion, rectified flow, one-step) "
+                                           "unguided and with Tweedie, learned and training-free guidance towards "
+                                           "the learned proxy preference; write grid.png, results.md and "
+                                           "results.json. No downloads; about a minute on 2 CPU cores.")
+    demo.add_argument("--out", help="output folder (default: a fresh tiltgen-demo-<date>-<time> folder)")
+    demo.add_argument("--n", type=int, default=8, help="images per prompt (default 8)")
+    demo.add_argument("--beta", type=float, default=DEFAULT_BETA,
+                      help=f"tilt temperature (default {DEFAULT_BETA}; the shipped guidance networks' beta)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--prompt-set", default="demo", choices=("demo", "heldout", "train"),
+                      help="demo (4 prompts), heldout (the 140 combinations no model trained on), train (24)")
+    demo.add_argument("--prompt", action="append", help="custom prompt (repeatable; overrides --prompt-set)")
+    demo.add_argument("--rows", help="MODEL:METHOD list, e.g. diffusion:unguided,diffusion:learned (default: all)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=_demo)
 
 
 def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
@@ -127,7 +191,8 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
                                             "pipeline (--model, with --reward, --beta and prompts).")
     train.add_argument("--case", help="analytic case (e.g. ring2d-linear-b2); sets model and reward")
     train.add_argument("--family", default="vp", help="with --case: vp (eps, VP-linear) or flow (velocity)")
-    train.add_argument("--model", help="diffusers save_pretrained folder or cached model id")
+    train.add_argument("--model", help="builtin:<name>, a built-in model folder, a diffusers save_pretrained folder "
+                                       "or a cached model id")
     train.add_argument("--reward", help="with --model: reward spec, e.g. 'pickscore:1.0,aesthetic:0.5'")
     train.add_argument("--prompt", action="append", help="with --model: a training prompt (repeatable)")
     train.add_argument("--prompts-file", help="with --model: text file, one training prompt per line")
@@ -151,6 +216,9 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--sampler", help="sampler that generates the data (default heun; ddim with --model)")
     train.add_argument("--data-steps", type=int, default=100, help="sampler steps for the data")
     train.add_argument("--trajectory", action="store_true", help="train on the sampler's own states")
+    train.add_argument("--noise-tilt", action="store_true",
+                       help="deterministic one-step generators: learn h of the input noise and tilt the noise "
+                            "(implies --trajectory; needs --eta 0 and --data-steps 1)")
     train.add_argument("--checkpoint-every", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -186,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     analytic.set_defaults(func=_bench_analytic)
     _add_train_guidance(commands)
     add_sample_parser(commands)
+    _add_demo(commands)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""``tiltgen sample``: reward-tilted sampling from a diffusers pipeline (local folder or cached model id)."""
+"""``tiltgen sample``: reward-tilted sampling from a built-in model (``builtin:<name>`` or a built-in
+model folder) or a diffusers pipeline (local folder or cached model id)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 
 def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "sample", help="sample a diffusers pipeline with reward guidance",
-        description="Generate images from a diffusers pipeline (SD, SD-Turbo, SDXL, SDXL-Turbo, SD3, FLUX) "
-                    "tilted towards a reward: p*(x|c) ~ p(x|c) exp(r(x,c)/beta). Saves PNGs and sample.json.")
-    p.add_argument("--model", required=True, help="save_pretrained folder or model id in the local HF cache")
+        "sample", help="sample a text-to-image model with reward guidance",
+        description="Generate images from a built-in model (builtin:shapes-diffusion, builtin:shapes-onestep, "
+                    "builtin:shapes-flow) or a diffusers pipeline (SD, SD-Turbo, SDXL, SDXL-Turbo, SD3, FLUX) "
+                    "tilted towards a reward: p*(x|c) ~ p(x|c) exp(r(x,c)/beta). Saves PNGs and sample.json "
+                    "(every setting needed to reproduce them).")
+    p.add_argument("--model", required=True,
+                   help="builtin:<name>, a built-in model folder, a diffusers save_pretrained folder or a model id "
+                        "in the local HF cache")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
     p.add_argument("--negative-prompt", default=None)
@@ -30,13 +35,17 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--beta", type=float, default=0.1, help="tilt temperature (smaller = stronger)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplier of the guidance term")
     p.add_argument("--t-window", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for t in [LO, HI]")
-    p.add_argument("--guidance", help="--method learned: folder written by train-guidance")
-    p.add_argument("--data-var", type=float, default=1.0, help="--method trainingfree: latent variance")
+    p.add_argument("--guidance", help="--method learned: folder written by train-guidance, or builtin:<name>")
+    p.add_argument("--data-var", type=float, default=None,
+                   help="--method trainingfree: per-dimension data variance (default: the built-in model's, else 1)")
     p.add_argument("--variant", default="linear", help="--method trainingfree: linear, newton or snis")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 1 for turbo-style, else 30)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the built-in model's own (50, one-step: 1); diffusers 30)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (FLUX: embedded guidance)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX only: true CFG scale with the negative prompt")
-    p.add_argument("--sampler", default="ddim", help="ddim (= the pipeline's own update), euler, heun, ddpm, sde")
+    p.add_argument("--sampler", default=None,
+                   help="ddim (diffusers default: the pipeline's own update), euler, heun, ddpm, sde "
+                        "(built-in default: the model's own)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -69,15 +78,16 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     if args.method == "learned":
         if not args.guidance:
             raise TiltgenError("--method learned needs --guidance PATH (a folder written by train-guidance)")
+        from ..builtin import resolve_weights
         from ..tilt.learned import load_guidance
 
-        record_path = Path(args.guidance) / "guidance.json"
+        record_path = resolve_weights(args.guidance, "guidance") / "guidance.json"
         cond_dim = 0
         if record_path.is_file():
             cond_dim = int(json.loads(record_path.read_text()).get("net", {}).get("cond_dim", 0) or 0)
         # prompt-conditional networks are trained on model.prompt_embedding (pooled text embedding)
         encoder = model.prompt_embedding if cond_dim > 0 else None
-        estimator = load_guidance(args.guidance, cond_encoder=encoder, scale=args.scale)
+        estimator = load_guidance(record_path.parent, cond_encoder=encoder, scale=args.scale)
         if window is not None:
             estimator.t_window = window
         return estimator
@@ -90,16 +100,13 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
         return TweedieGuidance(latent_reward, args.beta, scale=args.scale, t_window=window)
     from ..tilt.training_free import TrainingFreeGuidance
 
-    return TrainingFreeGuidance(latent_reward, args.beta, model.schedule, data_var=args.data_var, variant=args.variant,
+    data_var = args.data_var if args.data_var is not None else float(getattr(model, "config", {}).get("data_var", 1.0))
+    return TrainingFreeGuidance(latent_reward, args.beta, model.schedule, data_var=data_var, variant=args.variant,
                                 scale=args.scale, t_window=window, seed=args.seed)
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..backends.diffusers import DiffusersBackend
-    from ..core.reward import evaluate_reward
-
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """Validate everything that can be checked before loading a model; the prompts."""
     prompts = prompts_from_args(args)
     if args.method in ("tweedie", "trainingfree") and not args.reward:  # fail before loading gigabytes
         raise TiltgenError(f"--method {args.method} needs --reward")
@@ -107,20 +114,119 @@ def run_sample(args: argparse.Namespace) -> int:
         raise TiltgenError("--method learned needs --guidance PATH (a folder written by train-guidance)")
     if args.n < 1:
         raise TiltgenError(f"--n must be >= 1, got {args.n}")
+    if args.steps is not None and args.steps < 1:
+        raise TiltgenError(f"--steps must be >= 1, got {args.steps}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise TiltgenError(f"output path {out} exists and is not a directory")
-    reward = None
-    if args.reward:
-        from ..rewards import reward_from_spec
+    return prompts
 
-        reward = reward_from_spec(args.reward)
-    held_out = {}
-    if args.eval_reward:
-        from ..rewards import get_reward, parse_reward_spec
 
-        for name, kwargs, _ in parse_reward_spec(args.eval_reward)[0]:
-            held_out[name] = get_reward(name, **kwargs)
+def load_rewards(spec: str | None, eval_spec: str | None) -> tuple[Any, dict[str, Any]]:
+    """The target reward of a spec (or None) and the held-out rewards, by name."""
+    from ..rewards import get_reward, parse_reward_spec, reward_from_spec
+
+    reward = reward_from_spec(spec) if spec else None
+    held_out = {name: get_reward(name, **kwargs) for name, kwargs, _ in parse_reward_spec(eval_spec)[0]} \
+        if eval_spec else {}
+    return reward, held_out
+
+
+def score_images(reward: Any, held_out: dict[str, Any], images: Any, prompts: list[str]
+                 ) -> tuple[list[float] | None, dict[str, list[float]]]:
+    """Per-image target reward values and per-term / held-out values."""
+    import torch
+
+    from ..core.reward import evaluate_reward
+
+    rewards = None
+    terms: dict[str, list[float]] = {}
+    with torch.no_grad():
+        if reward is not None:
+            rewards = evaluate_reward(reward, images, prompts).float().cpu().tolist()
+            terms.update({k: v.float().cpu().tolist() for k, v in getattr(reward, "last_terms", {}).items()})
+        for name, r in held_out.items():
+            terms[f"eval:{name}"] = evaluate_reward(r, images, prompts).float().cpu().tolist()
+    return rewards, terms
+
+
+def save_pngs(out: Path, images: Any, seeds: list[int], upscale: int = 1) -> list[str]:
+    """One PNG per image [N, 3, H, W] in [0, 1], named by index and seed."""
+    import torch
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, img in enumerate(images):
+        arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        picture = Image.fromarray(arr)
+        if upscale > 1:
+            picture = picture.resize((arr.shape[1] * upscale, arr.shape[0] * upscale), Image.NEAREST)
+        name = f"{i:04d}_seed{seeds[i]}.png"
+        picture.save(out / name)
+        files.append(name)
+    return files
+
+
+def _finish(args: argparse.Namespace, out: Path, record: dict, images: Any, prompts: list[str], seeds: list[int],
+            reward: Any, held_out: dict[str, Any], upscale: int = 1) -> int:
+    rewards, terms = score_images(reward, held_out, images, prompts)
+    files = save_pngs(out, images, seeds, upscale)
+    record.update({
+        "method": args.method, "reward": args.reward, "beta": args.beta, "scale": args.scale,
+        "t_window": args.t_window, "guidance": args.guidance, "variant": args.variant, "seed": args.seed,
+        "eval_reward": args.eval_reward, "n_per_prompt": args.n, "device": args.device,
+        "samples": [{"file": f, "prompt": p, "seed": s, "reward": None if rewards is None else rewards[i],
+                     "terms": {k: v[i] for k, v in terms.items()}}
+                    for i, (f, p, s) in enumerate(zip(files, prompts, seeds))],
+        "mean_reward": None if rewards is None else sum(rewards) / len(rewards),
+        "mean_terms": {k: sum(v) / len(v) for k, v in terms.items()}})
+    (out / "sample.json").write_text(json.dumps(record, indent=2))
+    summary = "" if rewards is None else f"; mean reward {record['mean_reward']:.4f}"
+    print(f"{len(files)} images written to {out} ({record['wall_s']:.1f} s{summary}); settings in {out / 'sample.json'}")
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from ..builtin import is_builtin_model
+
+    prompts = _check_args(args)
+    if is_builtin_model(args.model):
+        return _sample_builtin(args, prompts)
+    return _sample_diffusers(args, prompts)
+
+
+def _sample_builtin(args: argparse.Namespace, prompts: list[str]) -> int:
+    from ..builtin.data import check_prompt
+    from ..builtin.models import load_model
+
+    for p in prompts:
+        check_prompt(p)
+    if args.negative_prompt:
+        raise TiltgenError("the built-in models take no --negative-prompt (their CFG uses the empty caption)")
+    reward, held_out = load_rewards(args.reward, args.eval_reward)
+    model = load_model(args.model, device=args.device)
+    all_prompts = [p for p in prompts for _ in range(args.n)]
+    seeds = [args.seed + i for i in range(len(all_prompts))]
+    cond = model.encode(all_prompts, guidance_scale=args.cfg)
+    steps = args.steps or model.default_steps
+    sampler = args.sampler or model.default_sampler
+    estimator = _estimator(args, model, reward)
+    start = time.perf_counter()
+    result = model.sample(cond, seeds=seeds, steps=steps, sampler=sampler, guidance=estimator, progress=True)
+    record = {"command": "sample", "model": str(args.model), "family": model.family, "prediction": model.prediction,
+              "schedule": model.schedule.config(), "image_size": model.image_size, "steps": steps,
+              "sampler": sampler, "times": [float(t) for t in result.times], "cfg": cond.cfg_scale,
+              "cfg_arg": args.cfg, "data_var": args.data_var, "wall_s": time.perf_counter() - start}
+    return _finish(args, Path(args.out), record, result.images, all_prompts, seeds, reward, held_out, upscale=8)
+
+
+def _sample_diffusers(args: argparse.Namespace, prompts: list[str]) -> int:
+    import torch
+
+    from ..backends.diffusers import DiffusersBackend
+
+    reward, held_out = load_rewards(args.reward, args.eval_reward)
     dtype = getattr(torch, DTYPES[args.dtype])
     backend = DiffusersBackend.from_pretrained(args.model, dtype=dtype, device=args.device, cache_dir=args.cache_dir,
                                                gradient_checkpointing=args.gradient_checkpointing)
@@ -132,47 +238,19 @@ def run_sample(args: argparse.Namespace) -> int:
         extra["true_cfg_scale"] = args.true_cfg
     cond = model.encode(all_prompts, args.negative_prompt, guidance_scale=args.cfg, **extra)
     steps = args.steps or 30
+    sampler = args.sampler or "ddim"
     estimator = _estimator(args, model, reward)
     start = time.perf_counter()
-    result = model.sample(cond, seeds=seeds, steps=steps, sampler=args.sampler, guidance=estimator,
+    result = model.sample(cond, seeds=seeds, steps=steps, sampler=sampler, guidance=estimator,
                           progress=True)
-    wall = time.perf_counter() - start
-    rewards = None
-    terms: dict[str, list[float]] = {}
-    with torch.no_grad():
-        if reward is not None:
-            rewards = evaluate_reward(reward, result.images, all_prompts).float().cpu().tolist()
-            terms.update({k: v.float().cpu().tolist() for k, v in getattr(reward, "last_terms", {}).items()})
-        for name, r in held_out.items():
-            terms[f"eval:{name}"] = evaluate_reward(r, result.images, all_prompts).float().cpu().tolist()
-    out.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
-    files = []
-    for i, img in enumerate(result.images):
-        arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        name = f"{i:04d}_seed{seeds[i]}.png"
-        Image.fromarray(arr).save(out / name)
-        files.append(name)
     record = {
         "command": "sample", "model": str(args.model), "pipeline": type(backend.pipe).__name__,
         "family": backend.family, "prediction": model.prediction, "schedule": model.schedule.config()
         if backend.family in ("sd3", "flux") else {"name": "vp-discrete", "num_train_timesteps":
                                                     model.schedule.num_train_timesteps},
-        "height": model.height, "width": model.width, "steps": steps, "sampler": args.sampler,
+        "height": model.height, "width": model.width, "steps": steps, "sampler": sampler,
         "times": [float(t) for t in result.times], "cfg": cond.cfg_scale, "cfg_arg": args.cfg,
-        "true_cfg": args.true_cfg, "negative_prompt": args.negative_prompt, "method": args.method,
-        "reward": args.reward, "beta": args.beta, "scale": args.scale, "t_window": args.t_window,
-        "guidance": args.guidance, "data_var": args.data_var, "variant": args.variant, "dtype": args.dtype,
-        "device": args.device, "gradient_checkpointing": args.gradient_checkpointing, "seed": args.seed,
-        "eval_reward": args.eval_reward, "n_per_prompt": args.n,
-        "samples": [{"file": f, "prompt": p, "seed": s, "reward": None if rewards is None else rewards[i],
-                     "terms": {k: v[i] for k, v in terms.items()}}
-                    for i, (f, p, s) in enumerate(zip(files, all_prompts, seeds))],
-        "mean_reward": None if rewards is None else sum(rewards) / len(rewards),
-        "mean_terms": {k: sum(v) / len(v) for k, v in terms.items()}, "wall_s": wall,
-    }
-    (out / "sample.json").write_text(json.dumps(record, indent=2))
-    summary = "" if rewards is None else f"; mean reward {record['mean_reward']:.4f}"
-    print(f"{len(files)} images written to {out} ({wall:.1f} s{summary}); settings in {out / 'sample.json'}")
-    return 0
+        "true_cfg": args.true_cfg, "negative_prompt": args.negative_prompt, "data_var": args.data_var,
+        "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
+        "wall_s": time.perf_counter() - start}
+    return _finish(args, Path(args.out), record, result.images, all_prompts, seeds, reward, held_out)

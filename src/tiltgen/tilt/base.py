@@ -56,6 +56,8 @@ class GuidedModel:
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
         c = coefficients(self.schedule, t, x_t)
+        if getattr(self.estimator, "tilts_input", False):
+            return self._input_tilted(x_t, t, cond, c)
         if self.estimator.needs_model_grad:
             with torch.enable_grad():
                 x = x_t.detach().requires_grad_(True)
@@ -66,3 +68,10 @@ class GuidedModel:
             x0, eps = to_x0_eps(self.prediction, self.model(x_t, t, cond), x_t, c)
             tilt = self.estimator(x_t, t, cond, x0)
         return from_x0_eps(self.prediction, *apply_tilt(x0, eps, tilt, c), c)
+
+    def _input_tilted(self, x_t: Tensor, t: Tensor, cond: Any, c: Any) -> Tensor:
+        """Evaluate the model at the shifted input x_t + estimator.input_shift (a deterministic
+        generator's tilted noise), and return its x0 as a prediction at the unshifted x_t."""
+        x_in = x_t + self.estimator.input_shift(x_t, t, cond)
+        x0, _ = to_x0_eps(self.prediction, self.model(x_in, t, cond), x_in, c)
+        return from_x0_eps(self.prediction, x0, (x_t - c.alpha * x0) / c.sigma, c)

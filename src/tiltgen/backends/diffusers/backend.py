@@ -510,7 +510,9 @@ class LatentReward:
         self.name = reward_name(self.reward)
 
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
-        prompts = cond.prompts if isinstance(cond, PromptCondition) else cond
+        prompts = getattr(cond, "prompts", cond)  # a PromptCondition (or builtin TextCondition), or prompts
+        if isinstance(prompts, str):
+            prompts = [prompts] * x0.shape[0]
         # no graph through the VAE unless a gradient of this reward can be taken and is wanted
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             return self.reward(self.model.decode(x0), prompts).float()

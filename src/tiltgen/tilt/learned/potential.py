@@ -9,6 +9,12 @@ Parameterisation (docs/learned-guidance.md, "Keeping the x0 shift finite"):
 The factor alpha makes log q constant at pure noise (h_1 is constant) and cancels the
 sigma^2 / alpha that turns g into the x0 shift, so the shift stays finite for flows at
 t = 1 and no time window is needed; at t = 0 the shift vanishes (sigma = 0) as it must.
+
+Noise tilt (``noise_tilt=True``, for deterministic one-step generators x0 = G(x_T)): there
+h_T(x) = exp(r(G(x))/beta) is *not* constant at the start time, so the factor alpha is dropped
+(logit = F_psi(c_in x, t, e)) and the tilt is applied to the generator's Gaussian input
+instead of its output: x_T* = x_T + sigma_T^2 grad log q_psi(x_T), the exact tilt of
+N(0, sigma_T^2 I) by a log-linear h (docs/learned-guidance.md, "One-step generators").
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ CondEncoder = Callable[[Any], Tensor]  # cond -> embedding [N, E] (or [1, E], br
 class GuidancePotential(nn.Module):
     """A scalar network F_psi wrapped into log q_psi(x, t) and its x0 shift (see module doc)."""
 
-    def __init__(self, net: nn.Module, schedule: Schedule, s_data: float):
+    def __init__(self, net: nn.Module, schedule: Schedule, s_data: float, noise_tilt: bool = False):
         super().__init__()
         if not s_data > 0:
             raise TiltgenError(f"s_data (the data scale) must be > 0, got {s_data}")
         self.net = net
         self.schedule = schedule
         self.s_data = float(s_data)
+        self.noise_tilt = bool(noise_tilt)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,13 +64,16 @@ class GuidancePotential(nn.Module):
         """log q_psi(x, t) [N] (an estimate of log h_t - log Z)."""
         alpha, _, c_in = self._scales(x, t)
         f = self.net(c_in * x.to(self.dtype), t.to(self.dtype), emb)
-        return self._rows(alpha) * self._rows(c_in) * self.s_data * f
+        return f if self.noise_tilt else self._rows(alpha) * self._rows(c_in) * self.s_data * f
 
     def logit_and_shift(self, x: Tensor, t: Tensor, emb: Tensor | None = None,
                         need_logit: bool = True) -> tuple[Tensor, Tensor]:
-        """(log q_psi [N], x0 shift = (sigma^2/alpha) grad_x log q_psi, shaped like x)."""
+        """(log q_psi [N], x0 shift = (sigma^2/alpha) grad_x log q_psi, shaped like x); with
+        ``noise_tilt`` the second is the input shift sigma^2 grad_x log q_psi instead."""
         alpha, sigma, c_in = self._scales(x, t)
         f, grad = self.net.value_and_grad(c_in * x.to(self.dtype), t.to(self.dtype), emb, need_logit)
+        if self.noise_tilt:
+            return f, sigma**2 * c_in * grad
         logit = self._rows(alpha) * self._rows(c_in) * self.s_data * f
         return logit, sigma**2 * c_in**2 * self.s_data * grad
 
@@ -90,11 +100,30 @@ class LearnedGuidance:
         emb = self.cond_encoder(cond).to(self.potential.dtype)
         return emb.expand(n, -1) if emb.shape[0] == 1 else emb
 
-    def __call__(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tilt:
+    @property
+    def tilts_input(self) -> bool:
+        """True for a noise-tilt potential: GuidedModel then shifts the model's input by
+        :meth:`input_shift` instead of shifting its x0 by the estimator's Tilt."""
+        return self.potential.noise_tilt
+
+    def _shift(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         # no_grad, not inference_mode: the conv net re-enables autograd for its input gradient
         with torch.no_grad():
             _, shift = self.potential.logit_and_shift(x_t, t, self.embed(cond, x_t.shape[0]), need_logit=False)
         shift = shift.to(x_t.dtype)
-        tilt = Tilt(x0_shift=shift if self.scale == 1 else shift * self.scale)
+        shift = shift if self.scale == 1 else shift * self.scale
         keep = in_window(t, self.t_window)
-        return tilt if keep is None else tilt.masked(keep)
+        if keep is None:
+            return shift
+        return torch.where(keep.reshape((-1,) + (1,) * (shift.ndim - 1)), shift, torch.zeros_like(shift))
+
+    def input_shift(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """Noise tilt: sigma^2 grad log q_psi(x_t), to be added to the model's input."""
+        if not self.tilts_input:
+            raise TiltgenError("this guidance network shifts x0, not the model input (it was not trained with noise_tilt)")
+        return self._shift(x_t, t, cond)
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tilt:
+        if self.tilts_input:
+            raise TiltgenError("a noise-tilt guidance network shifts the model input; wrap the model in GuidedModel")
+        return Tilt(x0_shift=self._shift(x_t, t, cond))

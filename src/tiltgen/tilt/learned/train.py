@@ -57,6 +57,7 @@ class TrainConfig:
     sampler: str = "heun"
     data_steps: int = 50
     trajectory: bool = False              # train on the sampler's own states
+    noise_tilt: bool = False              # one-step generators: learn h of the input noise, tilt the input
     data_dtype: str = "float32"
     net: dict | None = None               # network config; default from the sample shape
     checkpoint_every: int = 200
@@ -73,6 +74,9 @@ class TrainConfig:
                 raise TiltgenError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise TiltgenError(f"lr must be > 0, got {self.lr}")
+        if self.noise_tilt and not (self.trajectory and self.eta == 0):
+            raise TiltgenError("noise_tilt learns h of a generator's own input states: it needs trajectory=True "
+                               "and eta=0 (the consistency regulariser is defined for x0 shifts)")
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -336,7 +340,7 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     net_config = dict(config.net or default_net(shape, 0 if embeddings is None else embeddings.shape[1]))
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(config.seed)
-        potential = GuidancePotential(build_network(net_config), schedule, s_data)
+        potential = GuidancePotential(build_network(net_config), schedule, s_data, noise_tilt=config.noise_tilt)
     run = _Run(config, potential, pool, data, embeddings)
     full_config = {"train": config.to_json(), "net": net_config, "schedule": schedule.config(), "s_data": s_data,
                    "shape": list(shape), "prediction": model.prediction, "model": _describe(model),
@@ -399,5 +403,6 @@ def load_guidance(out_dir: str | Path, cond_encoder: CondEncoder | None = None, 
     record = json.loads((out / "guidance.json").read_text())
     net = build_network(record["net"])
     net.load_state_dict(load_file(str(out / "guidance.safetensors")))
-    potential = GuidancePotential(net, schedule_from_config(record["schedule"]), record["s_data"])
+    potential = GuidancePotential(net, schedule_from_config(record["schedule"]), record["s_data"],
+                                  noise_tilt=bool(record.get("train", {}).get("noise_tilt", False)))
     return LearnedGuidance(potential, cond_encoder, scale)

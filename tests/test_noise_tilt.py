@@ -1,0 +1,97 @@
+"""Noise tilt for deterministic one-step generators: closed form and learned from reward values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiltgen.core.samplers import sample
+from tiltgen.core.schedules import VPCosine
+from tiltgen.errors import TiltgenError
+from tiltgen.rewards import QuadraticReward
+from tiltgen.tilt import GuidedModel
+from tiltgen.tilt.learned import TrainConfig, train_guidance
+
+SCHEDULE = VPCosine()
+A = torch.tensor([[1.0, 0.5], [-0.3, 0.8]], dtype=torch.float64)
+B = torch.tensor([0.2, -0.1], dtype=torch.float64)
+W = torch.tensor([1.0, -0.5], dtype=torch.float64)
+BETA = 2.0
+
+
+def generator(x_t, t, cond=None):
+    """x0 = A x_T + b in one step (an x0-prediction model, deterministic)."""
+    return x_t @ A.T.to(x_t.dtype) + B.to(x_t.dtype)
+
+
+generator.prediction = "x0"
+
+
+def sigma_max() -> float:
+    return float(SCHEDULE.sigma(torch.tensor(SCHEDULE.t_max, dtype=torch.float64)))
+
+
+def exact_tilted_mean() -> torch.Tensor:
+    """p*(x0) ∝ N(x0; b, s^2 A A^T) exp(w.x0 / beta): mean b + s^2 A A^T w / beta."""
+    return B + sigma_max() ** 2 * A @ A.T @ W / BETA
+
+
+class ExactNoiseTilt:
+    """log h(x_T) = w.(A x_T + b)/beta is linear: the input shift s^2 A^T w / beta is exact."""
+
+    needs_model_grad = False
+    tilts_input = True
+
+    def input_shift(self, x_t, t, cond):
+        return (sigma_max() ** 2 * A.T @ W / BETA).to(x_t.dtype).expand_as(x_t)
+
+    def __call__(self, *args):  # pragma: no cover - GuidedModel uses input_shift
+        raise AssertionError
+
+
+def one_step(model, n=20000, seed=0):
+    return sample(model, SCHEDULE, shape=(2,), n=n, steps=1, sampler="ddim", seed=seed, progress=False,
+                  dtype=torch.float64)
+
+
+def test_closed_form_noise_tilt_gives_the_exact_tilted_mean_and_covariance():
+    base = one_step(generator)
+    tilted = one_step(GuidedModel(generator, SCHEDULE, ExactNoiseTilt()))
+    torch.testing.assert_close(base.mean(0), B, atol=0.03, rtol=0)
+    torch.testing.assert_close(tilted.mean(0), exact_tilted_mean(), atol=0.03, rtol=0)
+    # a shift of the Gaussian input keeps the covariance s^2 A A^T of the exact tilted law
+    torch.testing.assert_close(torch.cov(tilted.T), sigma_max() ** 2 * A @ A.T, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_noise_tilt_is_the_same_for_every_prediction_kind(prediction):
+    from tiltgen.core.conversions import coefficients, from_x0_eps, to_x0_eps
+
+    def model(x_t, t, cond=None):
+        c = coefficients(SCHEDULE, t, x_t)
+        x0 = generator(x_t, t)
+        return from_x0_eps(prediction, x0, (x_t - c.alpha * x0) / c.sigma, c)
+
+    model.prediction = prediction
+    tilted = one_step(GuidedModel(model, SCHEDULE, ExactNoiseTilt()), n=200)
+    reference = one_step(GuidedModel(generator, SCHEDULE, ExactNoiseTilt()), n=200)
+    torch.testing.assert_close(tilted, reference)
+
+
+def test_learned_noise_tilt_from_reward_values_only():
+    reward = QuadraticReward.linear(W)
+    config = TrainConfig(beta=BETA, noise_tilt=True, trajectory=True, eta=0.0, sampler="ddim", data_steps=1,
+                         steps=300, batch_size=512, n_data=4000, pool_size=4000, data_dtype="float64", seed=1)
+    guidance = train_guidance(generator, SCHEDULE, reward, config, shape=(2,), progress=False).guidance
+    assert guidance.tilts_input
+    tilted = one_step(GuidedModel(generator, SCHEDULE, guidance), n=8000, seed=5)
+    base_mean, exact = B, exact_tilted_mean()
+    error = (tilted.mean(0) - exact).norm() / (exact - base_mean).norm()
+    assert float(error) < 0.15, f"learned noise tilt misses the exact tilted mean by {float(error):.2f} of the shift"
+
+
+def test_noise_tilt_config_is_checked():
+    with pytest.raises(TiltgenError, match="noise_tilt .* needs trajectory=True"):
+        TrainConfig(beta=1.0, noise_tilt=True)
+    with pytest.raises(TiltgenError, match="eta=0"):
+        TrainConfig(beta=1.0, noise_tilt=True, trajectory=True, eta=1.0)
