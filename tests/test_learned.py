@@ -50,6 +50,18 @@ def test_mlp_handwritten_gradient_matches_autograd():
     torch.testing.assert_close(net.value_and_grad(z, t_same, emb)[1], auto_same)
 
 
+def test_conv_net_coordinate_channels_see_position():
+    torch.manual_seed(0)
+    net = PotentialConvNet(ConvConfig(channels=3, width=8, depth=2, coords=True))
+    torch.nn.init.normal_(net.head.weight)
+    left, right = torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16)
+    left[..., 6:10, 1:5], right[..., 6:10, 11:15] = 1.0, 1.0  # the same blob, mirrored
+    t = torch.full((1,), 0.5)
+    assert not torch.allclose(net(left, t), net(right, t))
+    value, grad = net.value_and_grad(left, t)
+    assert grad.shape == left.shape and torch.isfinite(grad).all()
+
+
 def test_conv_net_on_random_images_is_conditioned_on_t_and_text():
     torch.manual_seed(0)
     net = PotentialConvNet(ConvConfig(channels=3, width=8, depth=3, cond_dim=5))

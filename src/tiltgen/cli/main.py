@@ -50,10 +50,10 @@ def _bench_analytic(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: str,
-                  times: tuple[float, ...] | None, data_dtype: str) -> "TrainConfig":
+                  times: tuple[float, ...] | None, data_dtype: str, net: dict | None = None) -> "TrainConfig":
     from ..tilt.learned import TrainConfig
 
-    return TrainConfig(beta=beta, loss=args.loss, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
+    return TrainConfig(beta=beta, net=net, loss=args.loss, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, n_data=args.n_data, pool_size=args.pool_size, time_levels=args.time_levels,
                        times=times, spacing=spacing, sampler=sampler, data_steps=args.data_steps,
                        trajectory=args.trajectory or args.noise_tilt, noise_tilt=args.noise_tilt,
@@ -132,7 +132,12 @@ def _text_to_image_training(args: argparse.Namespace) -> tuple:
         sampler = args.sampler or "ddim"
     # train at the model's own sampling times, the ones `tiltgen sample` will guide at
     times = tuple(float(t) for t in model.times(args.data_steps) if t > 0)
-    config = _train_config(args, args.beta, "uniform", sampler, times, "float32")
+    net = None
+    if args.coords:
+        from ..tilt.learned.train import default_net
+
+        net = default_net(model.latent_shape, int(model.prompt_embedding(prompts[0]).shape[-1]), coords=True)
+    config = _train_config(args, args.beta, "uniform", sampler, times, "float32", net)
     extra = {"shape": model.latent_shape, "conditions": prompts, "cond_encoder": model.prompt_embedding}
     return model, model.schedule, model.latent_reward(reward), config, extra
 
@@ -151,7 +156,9 @@ def _demo(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise TiltgenError(f"output path {out} exists and is not a directory")
     settings = DemoSettings(prompts=prompts, prompt_set=prompt_set, n=args.n, beta=args.beta, seed=args.seed,
-                            rows=parse_rows(args.rows))
+                            rows=parse_rows(args.rows), timing_repeats=args.timing_repeats)
+    if args.timing_repeats < 1:
+        raise TiltgenError(f"--timing-repeats must be >= 1, got {args.timing_repeats}")
     start = time.perf_counter()
     results = run_demo(settings, progress=not args.no_progress)
     paths = write_reports(results, settings, out, time.perf_counter() - start)
@@ -170,7 +177,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
                                description="Sample the built-in shapes models (diffusion, rectified flow, one-step) "
                                            "unguided and with Tweedie, learned and training-free guidance towards "
                                            "the learned proxy preference; write grid.png, results.md and "
-                                           "results.json. No downloads; about a minute on 2 CPU cores.")
+                                           "results.json. No downloads; about 40 s on 2 CPU cores.")
     demo.add_argument("--out", help="output folder (default: a fresh tiltgen-demo-<date>-<time> folder)")
     demo.add_argument("--n", type=int, default=8, help="images per prompt (default 8)")
     demo.add_argument("--beta", type=float, default=DEFAULT_BETA,
@@ -180,6 +187,8 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
                       help="demo (4 prompts), heldout (the 140 combinations no model trained on), train (24)")
     demo.add_argument("--prompt", action="append", help="custom prompt (repeatable; overrides --prompt-set)")
     demo.add_argument("--rows", help="MODEL:METHOD list, e.g. diffusion:unguided,diffusion:learned (default: all)")
+    demo.add_argument("--timing-repeats", type=int, default=2,
+                      help="wall time of a row = fastest of this many identical runs (default 2)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
 
@@ -216,6 +225,9 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--sampler", help="sampler that generates the data (default heun; ddim with --model)")
     train.add_argument("--data-steps", type=int, default=100, help="sampler steps for the data")
     train.add_argument("--trajectory", action="store_true", help="train on the sampler's own states")
+    train.add_argument("--coords", action="store_true",
+                       help="with --model: give the conv guidance network x/y coordinate channels (for rewards "
+                            "that depend on where things are, e.g. centring)")
     train.add_argument("--noise-tilt", action="store_true",
                        help="deterministic one-step generators: learn h of the input noise and tilt the noise "
                             "(implies --trajectory; needs --eta 0 and --data-steps 1)")

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import TiltgenError
 
 METHODS = ("unguided", "tweedie", "trainingfree", "learned")
+DEFAULT_BETA = 0.1
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16"}
 
@@ -32,7 +33,8 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--reward", help="reward spec, e.g. 'pickscore:1.0,aesthetic(head=/w/head.pth):0.5'")
     p.add_argument("--eval-reward", help="held-out rewards, only evaluated and reported (same spec syntax)")
     p.add_argument("--method", default="unguided", choices=METHODS)
-    p.add_argument("--beta", type=float, default=0.1, help="tilt temperature (smaller = stronger)")
+    p.add_argument("--beta", type=float, default=None,
+                   help="tilt temperature (smaller = stronger; default 0.1; --method learned: the network's own)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplier of the guidance term")
     p.add_argument("--t-window", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for t in [LO, HI]")
     p.add_argument("--guidance", help="--method learned: folder written by train-guidance, or builtin:<name>")
@@ -87,12 +89,19 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
             cond_dim = int(json.loads(record_path.read_text()).get("net", {}).get("cond_dim", 0) or 0)
         # prompt-conditional networks are trained on model.prompt_embedding (pooled text embedding)
         encoder = model.prompt_embedding if cond_dim > 0 else None
+        trained_beta = float(json.loads(record_path.read_text())["beta"]) if record_path.is_file() else None
+        if args.beta is not None and trained_beta is not None and abs(args.beta - trained_beta) > 1e-12:
+            raise TiltgenError(f"the guidance network in {record_path.parent} was trained at beta={trained_beta:g}; "
+                               f"omit --beta or pass the same value (got {args.beta:g})")
+        args.beta = trained_beta
         estimator = load_guidance(record_path.parent, cond_encoder=encoder, scale=args.scale)
         if window is not None:
             estimator.t_window = window
         return estimator
     if reward is None:
         raise TiltgenError(f"--method {args.method} needs --reward")
+    if args.beta is None:
+        args.beta = DEFAULT_BETA
     latent_reward = model.latent_reward(reward)
     if args.method == "tweedie":
         from ..tilt import TweedieGuidance

@@ -133,11 +133,16 @@ class ConvConfig:
     depth: int = 3
     cond_dim: int = 0
     time_freqs: int = 8
+    coords: bool = False  # append x/y coordinate channels (CoordConv): rewards that depend on layout
     kind: str = "conv"
 
 
 class PotentialConvNet(nn.Module):
-    """Strided 3x3 convs with FiLM-style biases from (t, e), global average pool, linear head."""
+    """Strided 3x3 convs with FiLM-style biases from (t, e), global average pool, linear head.
+
+    With ``coords`` the input gets two coordinate channels in [-1, 1], so features can encode
+    *where* things are (the average pool alone is almost translation invariant, and rewards
+    such as centring or composition depend on position)."""
 
     def __init__(self, config: ConvConfig):
         super().__init__()
@@ -145,7 +150,7 @@ class PotentialConvNet(nn.Module):
             raise TiltgenError(f"conv guidance network needs channels, width, depth >= 1, got {config}")
         self.config = config
         self.time = FourierTime(config.time_freqs)
-        widths = [config.channels] + [config.width * 2 ** min(i, 2) for i in range(config.depth)]
+        widths = [config.channels + 2 * config.coords] + [config.width * 2 ** min(i, 2) for i in range(config.depth)]
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1)
                                    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])))
         cond_in = self.time.dim + config.cond_dim
@@ -164,7 +169,7 @@ class PotentialConvNet(nn.Module):
             if emb is None or emb.shape != (z.shape[0], self.config.cond_dim):
                 raise TiltgenError(f"conv guidance network needs a condition embedding [N, {self.config.cond_dim}]")
             ctx = torch.cat([ctx, emb.to(z.dtype)], 1)
-        h = z
+        h = torch.cat([z, _coordinates(z)], 1) if self.config.coords else z
         for conv, norm, film in zip(self.convs, self.norms, self.film):
             h = torch.nn.functional.silu(norm(conv(h)) + film(ctx)[:, :, None, None])
         return self.head(torch.cat([h.mean((2, 3)), ctx], 1))[:, 0]
@@ -178,6 +183,15 @@ class PotentialConvNet(nn.Module):
             value = self.forward(z_in, t, emb)
             (grad,) = torch.autograd.grad(value.sum(), z_in, create_graph=training_graph)
         return (value, grad) if training_graph else (value.detach(), grad.detach())
+
+
+def _coordinates(z: Tensor) -> Tensor:
+    """[N, 2, H, W] pixel-centre coordinates in [-1, 1] (x then y)."""
+    n, _, h, w = z.shape
+    ys = torch.linspace(-1, 1, h, dtype=z.dtype, device=z.device)
+    xs = torch.linspace(-1, 1, w, dtype=z.dtype, device=z.device)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).expand(n, 2, h, w)
 
 
 def build_network(config: dict) -> nn.Module:

@@ -91,12 +91,13 @@ class TrainConfig:
         return cls(**data)
 
 
-def default_net(shape: Sequence[int], cond_dim: int = 0) -> dict:
-    """MLP for vectors [d], conv net for images [C, H, W]."""
+def default_net(shape: Sequence[int], cond_dim: int = 0, coords: bool = False) -> dict:
+    """MLP for vectors [d], conv net for images [C, H, W] (``coords``: with coordinate channels)."""
     if len(shape) == 1:
         return {"kind": "mlp", "dim": int(shape[0]), "hidden": 32, "depth": 2, "cond_dim": cond_dim}
     if len(shape) == 3:
-        return {"kind": "conv", "channels": int(shape[0]), "width": 32, "depth": 3, "cond_dim": cond_dim}
+        net = {"kind": "conv", "channels": int(shape[0]), "width": 32, "depth": 3, "cond_dim": cond_dim}
+        return {**net, "coords": True} if coords else net
     raise TiltgenError(f"no default guidance network for samples of shape {tuple(shape)}; pass TrainConfig(net=...)")
 
 
@@ -344,7 +345,10 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     run = _Run(config, potential, pool, data, embeddings)
     full_config = {"train": config.to_json(), "net": net_config, "schedule": schedule.config(), "s_data": s_data,
                    "shape": list(shape), "prediction": model.prediction, "model": _describe(model),
-                   "reward": reward_name(reward), "conditions": None if conditions is None else [repr(c) for c in conditions],
+                   "reward": reward_name(reward),
+                   # network evaluations per model call (2 for a model with classifier-free guidance)
+                   "evals_per_model_call": int(model.evals_per_call()) if hasattr(model, "evals_per_call") else 1,
+                   "conditions": None if conditions is None else [repr(c) for c in conditions],
                    "data": {"model_evals": data.model_evals, "reward_evals": data.reward_evals,
                             "pool_model_evals": pool.model_evals, "wall_s": data_wall}}
     if out is not None and saved is None:
