@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..backends.prompts import prompt_condition
 from ..core.model import Model
 from ..core.noise import SeededNoise, seeds_for
 from ..core.samplers import initial_noise, sample as core_sample, time_grid
@@ -120,6 +121,7 @@ class BuiltinModel:
         self.default_steps = int(config.get("default_steps", 50))
         self.default_sampler = str(config.get("default_sampler", "ddim"))
         self._cache: dict[str, TextCondition] = {}
+        self._empty: tuple[Tensor, Tensor] | None = None  # the unconditional (all-padding) caption
 
     def __repr__(self) -> str:
         return (f"BuiltinModel({self.name}: {self.family}, {self.image_size}x{self.image_size}, {self.prediction}, "
@@ -144,29 +146,18 @@ class BuiltinModel:
         return TextCondition(prompts, hidden, pooled, scale)
 
     def _unconditional(self, n: int) -> tuple[Tensor, Tensor]:
-        if "" not in self._cache:
+        if self._empty is None:
             ids = torch.full((1, MAX_TOKENS), PAD_ID, dtype=torch.long, device=self.device)
             with torch.no_grad():
-                hidden, pooled = encode_text(self.text_encoder, ids)
-            self._cache[""] = TextCondition([""], hidden, pooled)
-        empty = self._cache[""]
-        return empty.hidden.expand(n, -1, -1), empty.pooled.expand(n, -1)
+                self._empty = encode_text(self.text_encoder, ids)
+        hidden, pooled = self._empty
+        return hidden.expand(n, -1, -1), pooled.expand(n, -1)
 
     def condition(self, cond: Any, n: int) -> TextCondition:
         """``cond`` as a TextCondition of N rows (plain prompts are encoded and cached; one row
         is broadcast), so generic library code can pass a prompt string."""
-        if isinstance(cond, str) or (isinstance(cond, (list, tuple)) and all(isinstance(p, str) for p in cond)):
-            key = cond if isinstance(cond, str) else "\x00".join(cond)
-            if key not in self._cache:
-                self._cache[key] = self.encode(cond)
-            cond = self._cache[key]
-        if not isinstance(cond, TextCondition):
-            raise TiltgenError("a built-in model needs prompts or the TextCondition from .encode(prompts) as cond")
-        if len(cond) == 1 and n > 1:
-            cond = cond.select([0] * n)
-        if len(cond) != n:
-            raise TiltgenError(f"{n} images but {len(cond)} prompts in the condition")
-        return cond
+        return prompt_condition(cond, n, encode=self.encode, cache=self._cache, kind=TextCondition,
+                                what="a built-in model", unit="images")
 
     def prompt_embedding(self, cond: Any) -> Tensor:
         """The pooled text embedding per sample [N, D] (float32): guidance networks' prompt input."""

@@ -312,6 +312,24 @@ def _progress(steps: int, desc: str):
     return tqdm(range(steps), desc=desc, mininterval=2.0, file=sys.stderr)
 
 
+def _fit(model: nn.Module, loss_at: Callable[[int], Tensor], steps: int, lr: float, desc: str,
+         progress: bool) -> float:
+    """Adam with warm-up + cosine decay on ``loss_at(step)``; returns the training wall time (s)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    start = time.perf_counter()
+    bar = _progress(steps, desc) if progress else range(steps)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr)
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress and step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return time.perf_counter() - start
+
+
 def train_classifier(seed: int = 0, steps: int = 4000, batch_size: int = 128, lr: float = 3e-3,
                      width: int = 32, hidden: int = 96, eval_n: int = 5000,
                      progress: bool = True) -> tuple[AttributeClassifier, dict[str, Any]]:
@@ -323,22 +341,14 @@ def train_classifier(seed: int = 0, steps: int = 4000, batch_size: int = 128, lr
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = AttributeClassifier(width, hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    start = time.perf_counter()
-    bar = _progress(steps, "attribute classifier") if progress else range(steps)
-    for step in bar:
+
+    def loss_at(step: int) -> Tensor:
         x, _, labels = batch(batch_size, seed=seed, config=world, start=step * batch_size)
         y = _targets(labels)
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr)
         logits = model(augment(x, g))
-        loss = sum(F.cross_entropy(v, y[:, k]) for k, v in enumerate(logits.values()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress and step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    train_s = time.perf_counter() - start
+        return sum(F.cross_entropy(v, y[:, k]) for k, v in enumerate(logits.values()))
+
+    train_s = _fit(model, loss_at, steps, lr, "attribute classifier", progress)
     model.eval()
     x, _, labels = batch(eval_n, seed=seed + EVAL_SEED_OFFSET, config=world)
     y = _targets(labels)
@@ -434,21 +444,13 @@ def train_proxy(seed: int = 0, steps: int = 3000, batch_pairs: int = 128, lr: fl
     labels = (torch.rand(num_pairs, generator=g) < torch.sigmoid((gold[pi] - gold[pj]) / tau)).float()
     label_agree = float(((labels > 0.5) == (gold[pi] > gold[pj]))[gold[pi] != gold[pj]].float().mean())
     model = ProxyPreference(width, hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    start = time.perf_counter()
-    bar = _progress(steps, "proxy preference") if progress else range(steps)
-    for step in bar:
+
+    def loss_at(step: int) -> Tensor:
         k = torch.randint(num_pairs, (batch_pairs,), generator=g)
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr)
         f = model.raw(torch.cat([images[pi[k]], images[pj[k]]]))
-        loss = F.binary_cross_entropy_with_logits(f[:batch_pairs] - f[batch_pairs:], labels[k])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress and step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    train_s = time.perf_counter() - start
+        return F.binary_cross_entropy_with_logits(f[:batch_pairs] - f[batch_pairs:], labels[k])
+
+    train_s = _fit(model, loss_at, steps, lr, "proxy preference", progress)
     model.eval()
     eval_seed = seed + EVAL_SEED_OFFSET
     clean, _, _ = batch(eval_n, seed=eval_seed, config=_world())

@@ -38,6 +38,7 @@ from ...core.noise import SeededNoise, seeds_for
 from ...core.samplers import sample as core_sample
 from ...core.schedules import DiscreteVP, RectifiedFlow, Schedule
 from ...errors import TiltgenError
+from ..prompts import prompt_condition
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
@@ -297,22 +298,8 @@ class LatentModel:
     def condition(self, cond: Any, n: int) -> PromptCondition:
         """``cond`` as a PromptCondition of N rows: plain prompts are encoded (cached per prompt)
         and a one-row condition is broadcast, so generic library code can pass a prompt string."""
-        if isinstance(cond, str):
-            if cond not in self._cache:
-                self._cache[cond] = self.encode([cond])
-            cond = self._cache[cond]
-        elif isinstance(cond, (list, tuple)) and all(isinstance(p, str) for p in cond):
-            key = "\x00".join(cond)
-            if key not in self._cache:
-                self._cache[key] = self.encode(list(cond))
-            cond = self._cache[key]
-        if not isinstance(cond, PromptCondition):
-            raise TiltgenError("a diffusers model needs prompts or the PromptCondition from .encode(prompts) as cond")
-        if len(cond) == 1 and n > 1:
-            cond = cond.select([0] * n)
-        if len(cond) != n:
-            raise TiltgenError(f"{n} latents but {len(cond)} prompts in the condition")
-        return cond
+        return prompt_condition(cond, n, encode=self.encode, cache=self._cache, kind=PromptCondition,
+                                what="a diffusers model", unit="latents")
 
     def prompt_embedding(self, cond: Any) -> Tensor:
         """A fixed-size text embedding per sample [N, E] (float32) for prompt-conditional guidance
