@@ -17,8 +17,9 @@ REQUIRED = {"model", "method", "prompt_set", "gold", "proxy", "fidelity", "diver
 
 
 def test_demo_writes_grid_table_and_records(tmp_path, capsys):
+    """The README's main job, as shipped (4 prompts x 8 seeds, beta 0.02), and the issue's claims."""
     out = tmp_path / "demo"
-    assert main(["demo", "--n", "2", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--no-progress", "--timing-repeats", "1"]) == 0
     records = json.loads((out / "results.json").read_text())
     assert [(r["model"], r["method"]) for r in records] == [(m, k) for m, k in parse_rows(None)]
     for r in records:
@@ -28,10 +29,29 @@ def test_demo_writes_grid_table_and_records(tmp_path, capsys):
     assert by[("shapes-diffusion", "unguided")]["model_evals"] == 100  # 50 steps x CFG
     assert by[("shapes-onestep", "unguided")]["model_evals"] == 1
     assert by[("shapes-diffusion", "unguided")]["wall_ratio"] == 1.0
+    # learned guidance (and training-free guidance on the flow) raise the target proxy *and* the
+    # held-out gold reward over the same model's unguided samples, keeping fidelity within 0.05
+    for model, method in (("shapes-diffusion", "learned"), ("shapes-onestep", "learned"),
+                          ("shapes-flow", "trainingfree")):
+        guided, base = by[(model, method)], by[(model, "unguided")]
+        assert guided["proxy"] > base["proxy"] and guided["gold"] > base["gold"], (model, method)
+        assert guided["fidelity"] >= base["fidelity"] - 0.05, (model, method)
     assert (out / "grid.png").stat().st_size > 10_000
     text = (out / "results.md").read_text()
     assert "One-step generator with learned guidance" in text and "| shapes-flow | trainingfree |" in text
     assert f"demo written to {out}" in capsys.readouterr().out
+
+
+def test_base_models_follow_held_out_prompts(tmp_path):
+    """Attribute-classifier agreement >= 0.8 per attribute on the 140 held-out combinations."""
+    out = tmp_path / "heldout"
+    assert main(["demo", "--prompt-set", "heldout", "--n", "1", "--rows",
+                 "diffusion:unguided,flow:unguided,onestep:unguided", "--timing-repeats", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == 3 and all(r["n_images"] == 140 and r["prompt_set"] == "heldout" for r in records)
+    for r in records:
+        assert min(r["fidelity_per_attribute"].values()) >= 0.8, (r["model"], r["fidelity_per_attribute"])
 
 
 def test_demo_rows_and_errors(tmp_path, capsys):
