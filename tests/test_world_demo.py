@@ -50,6 +50,8 @@ def test_base_models_follow_held_out_prompts(tmp_path):
                  "--out", str(out)]) == 0
     records = json.loads((out / "results.json").read_text())
     assert len(records) == 3 and all(r["n_images"] == 140 and r["prompt_set"] == "heldout" for r in records)
+    assert all(r["diversity"] is None for r in records)  # one image per prompt: no within-prompt distance
+    assert "NaN" not in (out / "results.json").read_text()
     for r in records:
         assert min(r["fidelity_per_attribute"].values()) >= 0.8, (r["model"], r["fidelity_per_attribute"])
 
@@ -103,6 +105,7 @@ def test_sample_builtin_writes_images_and_a_reproducible_record(tmp_path, model,
     (["--model", "builtin:shapes-diffusion", "--prompt", PROMPT, "--method", "learned", "--guidance",
       "builtin:nothing"], "unknown built-in 'builtin:nothing'"),
     (["--model", "builtin:shapes-diffusion", "--prompt", PROMPT, "--method", "tweedie"], "needs --reward"),
+    (["--model", "builtin:shapes-diffusion", "--prompt", PROMPT, "--height", "64"], "draw 16x16 images"),
     (["--model", "builtin:shapes-diffusion", "--prompt", PROMPT, "--method", "learned", "--guidance",
       "builtin:guidance-diffusion-proxy", "--beta", "0.3"], "trained at beta=0.02"),
 ])

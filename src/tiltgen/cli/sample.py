@@ -40,7 +40,8 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", help="--method learned: folder written by train-guidance, or builtin:<name>")
     p.add_argument("--data-var", type=float, default=None,
                    help="--method trainingfree: per-dimension data variance (default: the built-in model's, else 1)")
-    p.add_argument("--variant", default="linear", help="--method trainingfree: linear, newton or snis")
+    p.add_argument("--variant", default=None,
+                   help="--method trainingfree: bounded (default), linear, newton or snis")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the built-in model's own (50, one-step: 1); diffusers 30)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (FLUX: embedded guidance)")
@@ -110,6 +111,7 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     from ..tilt.training_free import TrainingFreeGuidance
 
     data_var = args.data_var if args.data_var is not None else float(getattr(model, "config", {}).get("data_var", 1.0))
+    args.variant = args.variant or "bounded"
     return TrainingFreeGuidance(latent_reward, args.beta, model.schedule, data_var=data_var, variant=args.variant,
                                 scale=args.scale, t_window=window, seed=args.seed)
 
@@ -213,8 +215,12 @@ def _sample_builtin(args: argparse.Namespace, prompts: list[str]) -> int:
         check_prompt(p)
     if args.negative_prompt:
         raise TiltgenError("the built-in models take no --negative-prompt (their CFG uses the empty caption)")
+    if args.height or args.width:
+        raise TiltgenError("the built-in models draw 16x16 images; drop --height / --width")
     reward, held_out = load_rewards(args.reward, args.eval_reward)
-    model = load_model(args.model, device=args.device)
+    import torch
+
+    model = load_model(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
     all_prompts = [p for p in prompts for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(all_prompts))]
     cond = model.encode(all_prompts, guidance_scale=args.cfg)

@@ -96,11 +96,12 @@ def _estimator(model: Any, method: str, target: Any, beta: float) -> Any:
     raise TiltgenError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
 
 
-def diversity(images: Tensor, groups: int) -> float:
-    """Mean pairwise RMS pixel distance between the images of each group (prompt), averaged."""
+def diversity(images: Tensor, groups: int) -> float | None:
+    """Mean pairwise RMS pixel distance between the images of each group (prompt), averaged;
+    None with one image per prompt."""
     per = images.reshape(groups, -1, *images.shape[1:]).flatten(2).double()
     if per.shape[1] < 2:
-        return float("nan")
+        return None
     out = []
     for g in per:
         d = torch.cdist(g, g) / g.shape[1] ** 0.5
@@ -199,6 +200,8 @@ COLUMNS = ("model", "method", "prompt_set", "gold", "proxy", "fidelity", "divers
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
