@@ -11,8 +11,7 @@ from typing import Any
 
 from ..errors import TiltgenError
 
-METHODS = ("unguided", "tweedie", "trainingfree", "learned")
-DEFAULT_BETA = 0.1
+from ..eval.estimators import METHODS
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16"}
 
@@ -75,45 +74,14 @@ def prompts_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
-    window = tuple(args.t_window) if args.t_window else None
-    if args.method == "unguided":
-        return None
-    if args.method == "learned":
-        if not args.guidance:
-            raise TiltgenError("--method learned needs --guidance PATH (a folder written by train-guidance)")
-        from ..builtin import resolve_weights
-        from ..tilt.learned import load_guidance
+    """The estimator of ``--method``; records the beta and variant it really uses in ``args``."""
+    from ..eval.estimators import build_estimator
 
-        record_path = resolve_weights(args.guidance, "guidance") / "guidance.json"
-        cond_dim = 0
-        if record_path.is_file():
-            cond_dim = int(json.loads(record_path.read_text()).get("net", {}).get("cond_dim", 0) or 0)
-        # prompt-conditional networks are trained on model.prompt_embedding (pooled text embedding)
-        encoder = model.prompt_embedding if cond_dim > 0 else None
-        trained_beta = float(json.loads(record_path.read_text())["beta"]) if record_path.is_file() else None
-        if args.beta is not None and trained_beta is not None and abs(args.beta - trained_beta) > 1e-12:
-            raise TiltgenError(f"the guidance network in {record_path.parent} was trained at beta={trained_beta:g}; "
-                               f"omit --beta or pass the same value (got {args.beta:g})")
-        args.beta = trained_beta
-        estimator = load_guidance(record_path.parent, cond_encoder=encoder, scale=args.scale)
-        if window is not None:
-            estimator.t_window = window
-        return estimator
-    if reward is None:
-        raise TiltgenError(f"--method {args.method} needs --reward")
-    if args.beta is None:
-        args.beta = DEFAULT_BETA
-    latent_reward = model.latent_reward(reward)
-    if args.method == "tweedie":
-        from ..tilt import TweedieGuidance
-
-        return TweedieGuidance(latent_reward, args.beta, scale=args.scale, t_window=window)
-    from ..tilt.training_free import TrainingFreeGuidance
-
-    data_var = args.data_var if args.data_var is not None else float(getattr(model, "config", {}).get("data_var", 1.0))
     args.variant = args.variant or "bounded"
-    return TrainingFreeGuidance(latent_reward, args.beta, model.schedule, data_var=data_var, variant=args.variant,
-                                scale=args.scale, t_window=window, seed=args.seed)
+    estimator, args.beta = build_estimator(model, args.method, reward, args.beta, guidance=args.guidance,
+                                           scale=args.scale, t_window=tuple(args.t_window) if args.t_window else None,
+                                           data_var=args.data_var, variant=args.variant, seed=args.seed)
+    return estimator
 
 
 def _check_args(args: argparse.Namespace) -> list[str]:

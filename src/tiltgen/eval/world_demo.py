@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..core.model import CountingModel
 from ..errors import TiltgenError
+from .estimators import build_estimator
 from ..tilt.base import GuidedModel
 
 TARGET_REWARD = "world-proxy"
@@ -32,7 +33,6 @@ ROWS = (("shapes-diffusion", "unguided"), ("shapes-diffusion", "tweedie"), ("sha
         ("shapes-flow", "unguided"), ("shapes-flow", "tweedie"), ("shapes-flow", "trainingfree"),
         ("shapes-onestep", "unguided"), ("shapes-onestep", "learned"))
 GUIDANCE = {"shapes-diffusion": "builtin:guidance-diffusion-proxy", "shapes-onestep": "builtin:guidance-onestep-proxy"}
-METHODS = ("unguided", "tweedie", "learned", "trainingfree")
 
 
 @dataclass
@@ -70,32 +70,6 @@ def parse_rows(text: str | None) -> list[tuple[str, str]]:
     return rows
 
 
-def _estimator(model: Any, method: str, target: Any, beta: float) -> Any:
-    if method == "unguided":
-        return None
-    if method == "tweedie":
-        from ..tilt import TweedieGuidance
-
-        return TweedieGuidance(model.latent_reward(target), beta)
-    if method == "trainingfree":
-        from ..tilt import TrainingFreeGuidance
-
-        return TrainingFreeGuidance(model.latent_reward(target), beta, model.schedule,
-                                    data_var=float(model.config.get("data_var", 1.0)))
-    if method == "learned":
-        from ..builtin import resolve_weights
-        from ..tilt.learned import load_guidance
-
-        path = resolve_weights(GUIDANCE[model.name.removeprefix("builtin:")], "guidance")
-        guidance = load_guidance(path, cond_encoder=model.prompt_embedding)
-        record = json.loads((path / "guidance.json").read_text())
-        if abs(float(record["beta"]) - beta) > 1e-12:
-            raise TiltgenError(f"the shipped guidance network {path.name} was trained at beta={record['beta']:g}; "
-                               f"the demo's --beta must match it (got {beta:g})")
-        return guidance
-    raise TiltgenError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-
-
 def diversity(images: Tensor, groups: int) -> float | None:
     """Mean pairwise RMS pixel distance between the images of each group (prompt), averaged;
     None with one image per prompt."""
@@ -125,7 +99,8 @@ def run_row(model: Any, method: str, settings: DemoSettings, rewards: dict[str, 
     prompts = [p for p in settings.prompts for _ in range(settings.n)]
     seeds = [settings.seed + i % settings.n for i in range(len(prompts))]  # same seeds for every prompt
     cond = model.encode(prompts)
-    estimator = _estimator(model, method, rewards["target"], settings.beta)
+    estimator, _ = build_estimator(model, method, rewards["target"], settings.beta,
+                                   guidance=GUIDANCE.get(model.name.removeprefix("builtin:")))
     counter = CountingModel(model)
     wrapped = counter if estimator is None else GuidedModel(counter, model.schedule, estimator)
     steps = settings.steps.get(model.name.removeprefix("builtin:"), model.default_steps)

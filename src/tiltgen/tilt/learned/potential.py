@@ -111,11 +111,9 @@ class LearnedGuidance:
         with torch.no_grad():
             _, shift = self.potential.logit_and_shift(x_t, t, self.embed(cond, x_t.shape[0]), need_logit=False)
         shift = shift.to(x_t.dtype)
-        shift = shift if self.scale == 1 else shift * self.scale
+        tilt = Tilt(x0_shift=shift if self.scale == 1 else shift * self.scale)
         keep = in_window(t, self.t_window)
-        if keep is None:
-            return shift
-        return torch.where(keep.reshape((-1,) + (1,) * (shift.ndim - 1)), shift, torch.zeros_like(shift))
+        return (tilt if keep is None else tilt.masked(keep)).value
 
     def input_shift(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         """Noise tilt: sigma^2 grad log q_psi(x_t), to be added to the model's input."""

@@ -1,0 +1,63 @@
+"""Guidance estimators for text-to-image models, by method name: one place for ``tiltgen sample``
+and ``tiltgen demo`` (diffusers pipelines and built-in models alike)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import TiltgenError
+
+METHODS = ("unguided", "tweedie", "trainingfree", "learned")
+DEFAULT_BETA = 0.1
+
+
+def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *, guidance: str | None = None,
+                    scale: float = 1.0, t_window: tuple[float, float] | None = None, data_var: float | None = None,
+                    variant: str = "bounded", seed: int = 0) -> tuple[Any, float | None]:
+    """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a LatentModel or
+    BuiltinModel). ``learned`` loads ``guidance`` (a folder or ``builtin:<name>``) and tilts at the
+    network's own beta: a different ``beta`` raises. ``tweedie`` and ``trainingfree`` need
+    ``reward`` and default to beta = 0.1; ``data_var`` defaults to the model's own, else 1."""
+    if method == "unguided":
+        return None, beta
+    if method == "learned":
+        return _learned(model, guidance, beta, scale, t_window)
+    if method not in METHODS:
+        raise TiltgenError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if reward is None:
+        raise TiltgenError(f"--method {method} needs --reward")
+    beta = DEFAULT_BETA if beta is None else beta
+    latent_reward = model.latent_reward(reward)
+    if method == "tweedie":
+        from ..tilt import TweedieGuidance
+
+        return TweedieGuidance(latent_reward, beta, scale=scale, t_window=t_window), beta
+    from ..tilt.training_free import TrainingFreeGuidance
+
+    if data_var is None:
+        data_var = float(getattr(model, "config", {}).get("data_var", 1.0))
+    return TrainingFreeGuidance(latent_reward, beta, model.schedule, data_var=data_var, variant=variant, scale=scale,
+                                t_window=t_window, seed=seed), beta
+
+
+def _learned(model: Any, guidance: str | None, beta: float | None, scale: float,
+             t_window: tuple[float, float] | None) -> tuple[Any, float | None]:
+    from ..builtin import resolve_weights
+    from ..tilt.learned import load_guidance
+
+    if not guidance:
+        raise TiltgenError("--method learned needs --guidance PATH (a folder written by train-guidance)")
+    path = resolve_weights(guidance, "guidance")
+    record_path = path / "guidance.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    trained_beta = float(record["beta"]) if "beta" in record else None
+    if beta is not None and trained_beta is not None and abs(beta - trained_beta) > 1e-12:
+        raise TiltgenError(f"the guidance network in {path} was trained at beta={trained_beta:g}; "
+                           f"omit --beta or pass the same value (got {beta:g})")
+    # prompt-conditional networks are trained on model.prompt_embedding (pooled text embedding)
+    conditional = int(record.get("net", {}).get("cond_dim", 0) or 0) > 0
+    estimator = load_guidance(path, cond_encoder=model.prompt_embedding if conditional else None, scale=scale)
+    if t_window is not None:
+        estimator.t_window = t_window
+    return estimator, trained_beta
