@@ -1,164 +1,134 @@
-import time
+"""The world v2 data: captions at every level of detail, skewed priors, nuisance, exact labels."""
+
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from tiltgen.errors import TiltgenError
-from tiltgen.world import (BACKGROUNDS, COLOURS, MAX_TOKENS, MISSING, PAD_ID, POSITIONS, SHAPES, VOCAB, WORDS,
-                           Scene, Shape, WorldConfig, batch, caption, detokenize, parse_caption, render,
-                           render_from_caption, render_with_masks, sample_scene, tokenize, tokenize_batch,
-                           vocabulary)
+from tiltgen.world import (HELD_OUT_PAIRS, MISSING, POSITIONS, WORDS, CaptionSpec, KeepProbabilities, ObjectSpec,
+                           Scene, Shape, WorldConfig, batch, caption, caption_of, full_spec, parse_caption,
+                           partial_caption, render, sample_item, sample_scene, satisfied)
+from tiltgen.world.prompts import DEMO_PROMPTS, TWO_SHAPE_PROMPTS, evaluation_prompts, guidance_prompts, \
+    held_out_prompts
 
 
-def test_batch_is_deterministic_and_per_sample():
-    x1, c1, l1 = batch(10, seed=7)
-    x2, c2, l2 = batch(10, seed=7)
-    assert torch.equal(x1, x2) and c1 == c2 and l1.scenes == l2.scenes
-    x5, c5, l5 = batch(5, seed=7)
-    assert torch.equal(x5, x1[:5]) and c5 == c1[:5] and l5.scenes == l1.scenes[:5]
-    xs, cs, _ = batch(5, seed=7, start=5)
-    assert torch.equal(xs, x1[5:]) and cs == c1[5:]
-    x3, c3, _ = batch(10, seed=8)
-    assert not torch.equal(x1, x3)
-    assert sample_scene(3) == sample_scene(3)
+def test_full_captions_round_trip():
+    for i in range(300):
+        scene, _ = sample_item(4, i)
+        assert parse_caption(caption(scene)) == full_spec(scene)
+        assert all(satisfied(full_spec(scene), scene).values())
 
 
-def test_batch_shapes_ranges_and_labels():
-    x, caps, labels = batch(64, seed=1, config=WorldConfig(size=24))
-    assert x.shape == (64, 3, 24, 24) and x.dtype == torch.float32
-    assert x.min() >= 0 and x.max() <= 1
-    assert len(caps) == len(labels) == 64
-    assert labels.shape.shape == (64, 2) and labels.background.shape == (64,)
-    for i, scene in enumerate(labels.scenes):
-        assert caption(scene) == caps[i]
-        assert labels.num_shapes[i] == len(scene.shapes)
-        assert labels.background[i] == list(BACKGROUNDS).index(scene.background)
-        for j in range(2):
-            if j < len(scene.shapes):
-                assert SHAPES[labels.shape[i, j]] == scene.shapes[j].shape
-                assert POSITIONS[labels.position[i, j]] == scene.shapes[j].position
-            else:
-                assert labels.colour[i, j] == MISSING
-    assert (labels.num_shapes == 2).any() and (labels.num_shapes == 1).any()
+def test_partial_captions_parse_and_are_satisfied_by_their_scene():
+    g = np.random.default_rng(0)
+    kinds = Counter()
+    for i in range(400):
+        scene, _ = sample_item(5, i)
+        text = partial_caption(scene, g)
+        spec = parse_caption(text)
+        assert caption_of(spec) == text
+        hits = satisfied(spec, scene)
+        assert all(hits.values()), (text, scene)
+        kinds[len(hits)] += 1
+    assert kinds[0] > 10            # "" and background-free, count-free captions occur
+    assert kinds[6] > 0 or kinds[5] > 0  # and (nearly) fully specified ones
+    assert sum(v for k, v in kinds.items() if k <= 4) > 240  # most captions leave two or more attributes free
 
 
-def test_caption_parse_round_trip():
-    rng = np.random.default_rng(0)
-    seen_two = 0
-    for _ in range(200):
-        scene = sample_scene(rng)
-        seen_two += len(scene.shapes) == 2
-        text = caption(scene)
-        assert parse_caption(text) == scene
-        assert set(text.split()) <= set(WORDS)
-    assert seen_two > 20
-    scene = parse_caption("A large red circle at the top on a grey background.")
-    assert scene == Scene((Shape("circle", "red", "large", "top"),), "gray")
-    assert caption(scene) == "a large red circle at the top on a gray background"
-
-
-def test_tokenizer_round_trip():
-    assert vocabulary()[0] == "<pad>" and list(VOCAB) == sorted(VOCAB) and PAD_ID == 0
-    _, caps, _ = batch(50, seed=2)
-    ids = tokenize_batch(caps)
-    assert ids.shape == (50, MAX_TOKENS)
-    for text, row in zip(caps, ids):
-        assert detokenize(row) == text
-        assert tokenize(text) == row.tolist()
-    assert tokenize("a small blue ring in the centre on a navy background", length=12)[-1] == PAD_ID
-
-
-def test_red_shape_pixels_and_background():
-    scene = Scene((Shape("square", "red", "large", "centre"),), "gray")
-    img, masks = render_with_masks(scene, 32)
-    inside, outside = masks[0] > 0.999, masks[0] < 1e-6
-    assert inside.sum() > 30 and outside.sum() > 500
-    red = img[:, inside]
-    assert (red[0] > 0.8).all() and (red[1] < 0.2).all() and (red[2] < 0.2).all()
-    assert torch.allclose(img[:, outside], torch.full_like(img[:, outside], 0.5))
-
-
-def _centre_of_mass(mask):
-    h, w = mask.shape
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    m = mask.sum()
-    return float((mask.sum(0) * xs).sum() / m), float((mask.sum(1) * ys).sum() / m)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_positions_and_sizes(shape):
-    for seed in range(3):
-        for pos in POSITIONS:
-            _, masks = render_with_masks(Scene((Shape(shape, "blue", "large", pos),), "white"), 32, rng=seed)
-            x, y = _centre_of_mass(masks[0])
-            assert {"left": x < 0.4 and abs(y - 0.5) < 0.15, "right": x > 0.6 and abs(y - 0.5) < 0.15,
-                    "top": y < 0.4 and abs(x - 0.5) < 0.15, "bottom": y > 0.6 and abs(x - 0.5) < 0.15,
-                    "centre": abs(x - 0.5) < 0.1 and abs(y - 0.5) < 0.1}[pos], (pos, x, y)
-        small = render_with_masks(Scene((Shape(shape, "blue", "small", "left"),), "white"), 32, rng=seed)[1]
-        large = render_with_masks(Scene((Shape(shape, "blue", "large", "left"),), "white"), 32, rng=seed)[1]
-        assert large.sum() > 1.8 * small.sum()
-
-
-def test_two_shapes_distinct_positions_and_caption():
-    scene = parse_caption("a small blue square on the left and a large yellow triangle on the right "
-                          "on a white background")
-    assert [s.position for s in scene.shapes] == ["left", "right"]
-    img, masks = render_with_masks(scene, 32)
-    assert masks.shape == (2, 32, 32)
-    assert _centre_of_mass(masks[0])[0] < 0.5 < _centre_of_mass(masks[1])[0]
-    for s in sample_scene(0, WorldConfig(p_two=1.0)).shapes:
-        assert s.position != "centre"
-    scenes = [sample_scene(i, WorldConfig(p_two=1.0)) for i in range(30)]
-    assert all(len(s.shapes) == 2 and s.shapes[0].position != s.shapes[1].position for s in scenes)
-
-
-def test_render_from_caption_jitters_by_seed():
-    text = "a large green circle in the centre on a black background"
-    a, b, c = (render_from_caption(text, 20, seed=s) for s in (0, 0, 1))
-    assert a.shape == (3, 20, 20) and torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.allclose(render(parse_caption(text), 20)[:, 0, 0], torch.tensor(BACKGROUNDS["black"]))
-    assert COLOURS["green"][1] > 0.5
-
-
-def test_batch_speed():
-    start = time.perf_counter()
-    x, _, _ = batch(1000, seed=0)
-    assert x.shape == (1000, 3, 32, 32)
-    assert time.perf_counter() - start < 3.0
-
-
-@pytest.mark.parametrize("text, word", [
-    ("a large pink circle at the top on a gray background", "pink"),
-    ("a large red hexagon at the top on a gray background", "hexagon"),
-    ("a large red circle at the top on a beige background", "beige"),
+@pytest.mark.parametrize("text, objects, background", [
+    ("", 0, None), ("a red shape", 1, None), ("two shapes", 2, None), ("a circle on the left", 1, None),
+    ("a shape on a white background", 1, "white"), ("on a navy background", 0, "navy"),
+    ("an orange ring and a small blue square at the top on a black background", 2, "black"),
 ])
-def test_unknown_words_raise(text, word):
-    with pytest.raises(TiltgenError, match=word):
+def test_grammar(text, objects, background):
+    spec = parse_caption(text)
+    assert len(spec.objects) == objects and spec.background == background
+    assert spec.count == (objects or None)
+
+
+def test_specified_attributes_and_matching_ignores_object_order():
+    spec = parse_caption("a red circle and a blue shape on the left")
+    assert spec.specified() == ["count", "shape", "colour", "position"]
+    scene = Scene((Shape("square", "blue", "small", "left"), Shape("circle", "red", "large", "top")), "gray")
+    assert all(satisfied(spec, scene).values())
+    wrong = Scene((Shape("square", "blue", "small", "right"), Shape("circle", "red", "large", "top")), "gray")
+    hits = satisfied(spec, wrong)
+    assert hits["colour"] and hits["shape"] and not hits["position"]
+    one = Scene((Shape("circle", "red", "large", "top"),), "gray")
+    assert satisfied(spec, one)["count"] is False
+    assert satisfied(CaptionSpec(), one) == {}
+
+
+@pytest.mark.parametrize("text, word", [("a red zebra", "zebra"), ("a grey circle", "grey"), ("draw me", "draw")])
+def test_unknown_words_are_named(text, word):
+    with pytest.raises(TiltgenError, match=repr(word)):
         parse_caption(text)
-    with pytest.raises(TiltgenError, match=word):
-        tokenize(text)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: parse_caption(""),
-    lambda: parse_caption("a red large circle at the top on a gray background"),  # wrong order
-    lambda: parse_caption("a large red circle at the top"),  # no background
-    lambda: parse_caption("a large red circle at the top and a small red square at the top on a gray background"),
-    lambda: parse_caption("a large red circle at the top on a gray background and"),
-    lambda: tokenize("a large red circle at the top on a gray background", length=5),
-    lambda: detokenize([999]),
-    lambda: render(sample_scene(0), 15),
-    lambda: WorldConfig(size=8),
-    lambda: WorldConfig(max_shapes=3),
-    lambda: WorldConfig(p_two=1.5),
-    lambda: WorldConfig(colours=("red", "pink")),
-    lambda: batch(0, seed=0),
-    lambda: batch(3, seed=-1),
-    lambda: Shape("circle", "mauve", "large", "top"),
-    lambda: Scene((), "gray"),
+@pytest.mark.parametrize("text, match", [
+    ("red a shape", "outside the world's grammar"), ("a red", "a shape"),
+    ("a circle on the left and a square on the left", "same place"),
+    ("a circle in the centre and a square on the left", "edges"),
+    ("a circle and a square and a ring", "outside the world's grammar"),
 ])
-def test_bad_inputs_raise(call):
-    with pytest.raises(TiltgenError):
-        call()
+def test_malformed_captions(text, match):
+    with pytest.raises(TiltgenError, match=match):
+        parse_caption(text)
+
+
+def test_priors_are_skewed_and_held_out_pairs_can_be_excluded():
+    config = WorldConfig(exclude_pairs=HELD_OUT_PAIRS)
+    g = np.random.default_rng(1)
+    scenes = [sample_scene(g, config) for _ in range(4000)]
+    shapes = [s for scene in scenes for s in scene.shapes]
+    colours = Counter(s.colour for s in shapes)
+    assert colours["red"] > 2 * colours["cyan"]
+    assert Counter(s.size for s in shapes)["small"] > 1.3 * Counter(s.size for s in shapes)["large"]
+    assert 0.2 < sum(len(s.shapes) == 2 for s in scenes) / len(scenes) < 0.4
+    assert not any((s.shape, s.colour) in HELD_OUT_PAIRS for s in shapes)
+    # bright shapes on dark backgrounds (high contrast) are rarer than their marginals would make them
+    yellow = [sc for sc in scenes if all(s.colour == "yellow" for s in sc.shapes)]
+    assert sum(sc.background == "white" for sc in yellow) > sum(sc.background in ("black", "navy") for sc in yellow)
+
+
+def test_batches_are_deterministic_and_labels_are_per_slot():
+    x1, c1, l1 = batch(16, seed=3)
+    x2, c2, l2 = batch(8, seed=3, start=8)
+    assert torch.equal(x1[8:], x2) and c1[8:] == c2
+    assert x1.shape == (16, 3, 32, 32) and 0 <= float(x1.min()) and float(x1.max()) <= 1
+    for i, scene in enumerate(l1.scenes):
+        assert int(l1.count[i]) == len(scene.shapes) == int(l1.occupied[i].sum())
+        for s in scene.shapes:
+            assert l1.occupied[i, POSITIONS.index(s.position)]
+        empty = ~l1.occupied[i]
+        assert (l1.shape[i][empty] == MISSING).all()
+    _, partial, _ = batch(16, seed=3, partial=True)
+    assert partial != c1
+
+
+def test_nuisance_varies_images_of_one_scene():
+    scene = Scene((Shape("square", "red", "large", "centre"),), "white")
+    a, b = render(scene, rng=1), render(scene, rng=2)
+    assert (a - b).abs().max() > 0.1
+    assert torch.equal(render(scene), render(scene))
+
+
+def test_prompt_sets_are_disjoint_from_guidance_training():
+    train = guidance_prompts(100, seed=0)
+    assert len(set(train)) == 100 and not set(train) & evaluation_prompts()
+    assert "" in DEMO_PROMPTS and any(parse_caption(p).count == 2 for p in DEMO_PROMPTS)
+    assert all(parse_caption(p).count == 2 for p in TWO_SHAPE_PROMPTS)
+    assert all(any(pair[0] in p and pair[1] in p for pair in HELD_OUT_PAIRS) for p in held_out_prompts())
+    assert all(parse_caption(p).count == 2 for p in guidance_prompts(20, two_shapes=True))
+
+
+def test_vocabulary_and_keep_probabilities():
+    assert "an" in WORDS and "shape" in WORDS and len(WORDS) == len(set(WORDS))
+    scene = Scene((Shape("ring", "orange", "small", "left"),), "gray")
+    everything = KeepProbabilities(unconditional=0, two_shapes=0, background_only=0, shape=1, colour=1, size=1,
+                                   position=1, background=1)
+    assert partial_caption(scene, 0, everything) == caption(scene) == \
+        "a small orange ring on the left on a gray background"
+    assert caption_of(CaptionSpec((ObjectSpec(colour="orange"),))) == "an orange shape"

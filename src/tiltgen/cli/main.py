@@ -50,12 +50,13 @@ def _bench_analytic(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: str,
-                  times: tuple[float, ...] | None, data_dtype: str, net: dict | None = None) -> "TrainConfig":
+                  times: tuple[float, ...] | None, data_dtype: str, net: dict | None = None,
+                  data_steps: int | None = None) -> "TrainConfig":
     from ..tilt.learned import TrainConfig
 
     return TrainConfig(beta=beta, net=net, loss=args.loss, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, n_data=args.n_data, pool_size=args.pool_size, time_levels=args.time_levels,
-                       times=times, spacing=spacing, sampler=sampler, data_steps=args.data_steps,
+                       times=times, spacing=spacing, sampler=sampler, data_steps=data_steps or args.data_steps or 100,
                        trajectory=args.trajectory or args.noise_tilt, noise_tilt=args.noise_tilt,
                        data_dtype=data_dtype, checkpoint_every=args.checkpoint_every,
                        seed=args.seed)
@@ -99,11 +100,11 @@ def _analytic_training(args: argparse.Namespace) -> tuple:
 
 
 def _text_to_image_training(args: argparse.Namespace) -> tuple:
-    """A prompt-conditional guidance net on a built-in model's images or a diffusers pipeline's
-    latents (the reward is evaluated on decoded images)."""
+    """A prompt-conditional guidance net on a diffusers pipeline's latents (built-in models
+    included); the reward is evaluated on decoded images."""
     import torch
 
-    from ..builtin import is_builtin_model
+    from ..backends.diffusers import DiffusersBackend
     from ..rewards import reward_from_spec
     from .sample import prompts_from_args
 
@@ -113,82 +114,115 @@ def _text_to_image_training(args: argparse.Namespace) -> tuple:
         raise TiltgenError("--model needs --beta (the tilt temperature)")
     prompts = prompts_from_args(args)
     reward = reward_from_spec(args.reward)
-    if is_builtin_model(args.model):
-        from ..builtin.data import check_prompt
-        from ..builtin.models import load_model
-
-        for p in prompts:
-            check_prompt(p)
-        model = load_model(args.model, device=args.device)
-        if args.cfg is not None:
-            model.cfg_scale = float(args.cfg)
-        sampler = args.sampler or model.default_sampler
-    else:
-        from ..backends.diffusers import DiffusersBackend
-
-        backend = DiffusersBackend.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]),
-                                                   device=args.device, cache_dir=args.cache_dir)
-        model = backend.at(args.height, args.width, guidance_scale=args.cfg)
-        sampler = args.sampler or "ddim"
+    backend = DiffusersBackend.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]),
+                                               device=args.device, cache_dir=args.cache_dir)
+    backend.check_prompts(prompts)
+    model = backend.at(args.height, args.width, guidance_scale=args.cfg)
+    sampler = args.sampler or "ddim"
+    steps = args.data_steps or backend.default_steps
     # train at the model's own sampling times, the ones `tiltgen sample` will guide at
-    times = tuple(float(t) for t in model.times(args.data_steps) if t > 0)
+    times = tuple(float(t) for t in model.times(steps) if t > 0)
     net = None
     if args.coords:
         from ..tilt.learned.train import default_net
 
         net = default_net(model.latent_shape, int(model.prompt_embedding(prompts[0]).shape[-1]), coords=True)
-    config = _train_config(args, args.beta, "uniform", sampler, times, "float32", net)
+    config = _train_config(args, args.beta, "uniform", sampler, times, "float32", net, data_steps=steps)
     extra = {"shape": model.latent_shape, "conditions": prompts, "cond_encoder": model.prompt_embedding}
     return model, model.schedule, model.latent_reward(reward), config, extra
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from ..builtin.data import DEMO_PROMPTS, held_out_prompts, training_prompts
-    from ..eval.world_demo import DemoSettings, fresh_output_dir, parse_rows, run_demo, write_reports
+def _writable_dir(path: Path) -> Path:
+    """Create ``path`` (a folder) and check it can be written, before any work is done."""
+    if path.exists() and not path.is_dir():
+        raise TiltgenError(f"output path {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".tiltgen-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise TiltgenError(f"cannot write to the output folder {path}: {error.strerror or error}") from None
+    return path
 
-    if args.prompt:
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..eval.world_demo import DemoSettings, parse_rows, run_demo
+    from ..eval.world_report import summary, fresh_output_dir, measure, table, write_reports
+    from ..world.prompts import DEMO_PROMPTS, TWO_SHAPE_PROMPTS, held_out_prompts
+
+    if args.prompt is not None:
         prompts, prompt_set = list(args.prompt), "custom"
     else:
         prompt_set = args.prompt_set
         prompts = {"demo": list(DEMO_PROMPTS), "heldout": held_out_prompts(),
-                   "train": training_prompts(24)}[prompt_set]
-    out = Path(args.out) if args.out else fresh_output_dir()
-    if out.exists() and not out.is_dir():
-        raise TiltgenError(f"output path {out} exists and is not a directory")
-    settings = DemoSettings(prompts=prompts, prompt_set=prompt_set, n=args.n, beta=args.beta, seed=args.seed,
-                            rows=parse_rows(args.rows), timing_repeats=args.timing_repeats)
+                   "two-shape": list(TWO_SHAPE_PROMPTS)}[prompt_set]
     if args.timing_repeats < 1:
         raise TiltgenError(f"--timing-repeats must be >= 1, got {args.timing_repeats}")
+    if args.best_of is not None and args.best_of < 1:
+        raise TiltgenError(f"--best-of must be >= 1, got {args.best_of}")
+    settings = DemoSettings(prompts=prompts, prompt_set=prompt_set, n=args.n, beta=args.beta, seed=args.seed,
+                            rows=parse_rows(args.rows), timing_repeats=args.timing_repeats, best_of=args.best_of)
+    out = _writable_dir(Path(args.out) if args.out else fresh_output_dir())
     start = time.perf_counter()
     results = run_demo(settings, progress=not args.no_progress)
     paths = write_reports(results, settings, out, time.perf_counter() - start)
-    from ..eval.world_demo import COLUMNS, markdown_table
-
-    print(markdown_table([r.record for r in results], COLUMNS))
-    print(f"demo written to {out}: {paths['grid'].name} (rows = methods), {paths['md'].name}, {paths['json'].name} "
-          f"({time.perf_counter() - start:.0f} s)")
+    summ = json.loads(paths["json"].read_text())["summary"]
+    print(table(summ, ("model", "method", "proxy", "gold", "proxy_gain_std", "gold_gain_std", "fidelity", "binary",
+                       "model_evals", "wall_ratio")))
+    print(f"demo written to {out}: {paths['grid'].name} (rows = methods, columns = seeds of each prompt), "
+          f"{paths['md'].name}, {paths['json'].name} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from ..builtin.catalog import catalog
+
+    rows = catalog()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    head = ("name", "kind", "family", "pipeline", "parameters", "default_steps", "base_model", "folder")
+    table = [head] + [tuple("-" if r.get(k) is None else
+                            f"{r[k] / 1e6:.2f}M" if k == "parameters" else str(r[k]) for k in head) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    total = sum(r["bytes"] for r in rows)
+    print(f"{len(rows)} built-in artefacts, {total / 1e6:.1f} MB; use them as builtin:<name> "
+          "(generators: --model, guidance networks: --guidance)")
+    return 0
+
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    models = commands.add_parser("models", help="list the built-in models, reward networks and guidance networks",
+                                 description="The artefacts shipped with tiltgen: generators (diffusers pipeline "
+                                             "folders), reward networks and guidance networks.")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.set_defaults(func=_models)
+
+
 def _add_demo(commands: argparse._SubParsersAction) -> None:
-    from ..eval.world_demo import DEFAULT_BETA
+    from ..eval.world_demo import DEFAULT_BETA, DEFAULT_ROWS
 
     demo = commands.add_parser("demo", help="the built-in text-to-image world: every guidance method, measured",
-                               description="Sample the built-in shapes models (diffusion, rectified flow, one-step) "
-                                           "unguided and with Tweedie, learned and training-free guidance towards "
-                                           "the learned proxy preference; write grid.png, results.md and "
-                                           "results.json. No downloads; about 40 s on 2 CPU cores.")
+                               description="Sample the built-in models (SD-like diffusion, its one-step distillation, "
+                                           "SD3-like flow) unguided and with every guidance method on "
+                                           "under-specified prompts; write grid.png, results.md and results.json.")
     demo.add_argument("--out", help="output folder (default: a fresh tiltgen-demo-<date>-<time> folder)")
     demo.add_argument("--n", type=int, default=8, help="images per prompt (default 8)")
     demo.add_argument("--beta", type=float, default=DEFAULT_BETA,
-                      help=f"tilt temperature (default {DEFAULT_BETA}; the shipped guidance networks' beta)")
+                      help=f"tilt temperature of Tweedie, training-free guidance and the exact-tilt estimate "
+                           f"(default {DEFAULT_BETA}; learned networks use their own)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--prompt-set", default="demo", choices=("demo", "heldout", "train"),
-                      help="demo (4 prompts), heldout (the 140 combinations no model trained on), train (24)")
+    demo.add_argument("--prompt-set", default="demo", choices=("demo", "heldout", "two-shape"),
+                      help="demo: under-specified prompts; heldout: prompts naming (shape, colour) pairs the models "
+                           "never saw; two-shape: two-shape prompts for the binary check")
     demo.add_argument("--prompt", action="append", help="custom prompt (repeatable; overrides --prompt-set)")
-    demo.add_argument("--rows", help="MODEL:METHOD list, e.g. diffusion:unguided,diffusion:learned (default: all)")
+    demo.add_argument("--rows", help="MODEL:METHOD list (default: " + ",".join(DEFAULT_ROWS) + ")")
+    demo.add_argument("--best-of", type=int, help="N of best-of-N (default: matched to the costliest guided row)")
     demo.add_argument("--timing-repeats", type=int, default=2,
-                      help="wall time of a row = fastest of this many identical runs (default 2)")
+                      help="interleaved timing repeats; wall ratios use the fastest (default 2)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
 
@@ -223,7 +257,8 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--pool-size", type=int, default=65536, help="noised training states")
     train.add_argument("--time-levels", type=int, default=100, help="discrete training times")
     train.add_argument("--sampler", help="sampler that generates the data (default heun; ddim with --model)")
-    train.add_argument("--data-steps", type=int, default=100, help="sampler steps for the data")
+    train.add_argument("--data-steps", type=int, default=None,
+                       help="sampler steps for the data (default: 100 with --case, the model's own with --model)")
     train.add_argument("--trajectory", action="store_true", help="train on the sampler's own states")
     train.add_argument("--coords", action="store_true",
                        help="with --model: give the conv guidance network x/y coordinate channels (for rewards "
@@ -267,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_guidance(commands)
     add_sample_parser(commands)
     _add_demo(commands)
+    _add_models(commands)
     return parser
 
 

@@ -1,5 +1,5 @@
-"""``tiltgen sample``: reward-tilted sampling from a built-in model (``builtin:<name>`` or a built-in
-model folder) or a diffusers pipeline (local folder or cached model id)."""
+"""``tiltgen sample``: reward-tilted sampling from a diffusers pipeline: a built-in model
+(``builtin:<name>``), a local ``save_pretrained`` folder or a model id in the local HF cache."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "sample", help="sample a text-to-image model with reward guidance",
-        description="Generate images from a built-in model (builtin:shapes-diffusion, builtin:shapes-onestep, "
-                    "builtin:shapes-flow) or a diffusers pipeline (SD, SD-Turbo, SDXL, SDXL-Turbo, SD3, FLUX) "
+        description="Generate images from a diffusers pipeline (SD, SD-Turbo, SDXL, SDXL-Turbo, SD3, FLUX, or a "
+                    "built-in model: builtin:world-diffusion, builtin:world-onestep, builtin:world-flow) "
                     "tilted towards a reward: p*(x|c) ~ p(x|c) exp(r(x,c)/beta). Saves PNGs and sample.json "
                     "(every setting needed to reproduce them).")
     p.add_argument("--model", required=True,
-                   help="builtin:<name>, a built-in model folder, a diffusers save_pretrained folder or a model id "
+                   help="builtin:<name>, a diffusers save_pretrained folder or a model id "
                         "in the local HF cache")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
@@ -38,16 +38,15 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--t-window", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for t in [LO, HI]")
     p.add_argument("--guidance", help="--method learned: folder written by train-guidance, or builtin:<name>")
     p.add_argument("--data-var", type=float, default=None,
-                   help="--method trainingfree: per-dimension data variance (default: the built-in model's, else 1)")
+                   help="--method trainingfree: per-dimension data variance (default: the model's tiltgen.json, else 1)")
     p.add_argument("--variant", default=None,
                    help="--method trainingfree: bounded (default), linear, newton or snis")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps (default: the built-in model's own (50, one-step: 1); diffusers 30)")
+                   help="sampler steps (default: the model's own from its tiltgen.json (one-step: 1); else 30)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (FLUX: embedded guidance)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="FLUX only: true CFG scale with the negative prompt")
     p.add_argument("--sampler", default=None,
-                   help="ddim (diffusers default: the pipeline's own update), euler, heun, ddpm, sde "
-                        "(built-in default: the model's own)")
+                   help="ddim (default: the pipeline's own update), euler, heun, ddpm, sde")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -167,41 +166,8 @@ def _finish(args: argparse.Namespace, out: Path, record: dict, images: Any, prom
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from ..builtin import is_builtin_model
-
     prompts = _check_args(args)
-    if is_builtin_model(args.model):
-        return _sample_builtin(args, prompts)
     return _sample_diffusers(args, prompts)
-
-
-def _sample_builtin(args: argparse.Namespace, prompts: list[str]) -> int:
-    from ..builtin.data import check_prompt
-    from ..builtin.models import load_model
-
-    for p in prompts:
-        check_prompt(p)
-    if args.negative_prompt:
-        raise TiltgenError("the built-in models take no --negative-prompt (their CFG uses the empty caption)")
-    if args.height or args.width:
-        raise TiltgenError("the built-in models draw 16x16 images; drop --height / --width")
-    reward, held_out = load_rewards(args.reward, args.eval_reward)
-    import torch
-
-    model = load_model(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
-    all_prompts = [p for p in prompts for _ in range(args.n)]
-    seeds = [args.seed + i for i in range(len(all_prompts))]
-    cond = model.encode(all_prompts, guidance_scale=args.cfg)
-    steps = args.steps or model.default_steps
-    sampler = args.sampler or model.default_sampler
-    estimator = _estimator(args, model, reward)
-    start = time.perf_counter()
-    result = model.sample(cond, seeds=seeds, steps=steps, sampler=sampler, guidance=estimator, progress=True)
-    record = {"command": "sample", "model": str(args.model), "family": model.family, "prediction": model.prediction,
-              "schedule": model.schedule.config(), "image_size": model.image_size, "steps": steps,
-              "sampler": sampler, "times": [float(t) for t in result.times], "cfg": cond.cfg_scale,
-              "cfg_arg": args.cfg, "data_var": args.data_var, "wall_s": time.perf_counter() - start}
-    return _finish(args, Path(args.out), record, result.images, all_prompts, seeds, reward, held_out, upscale=8)
 
 
 def _sample_diffusers(args: argparse.Namespace, prompts: list[str]) -> int:
@@ -213,6 +179,9 @@ def _sample_diffusers(args: argparse.Namespace, prompts: list[str]) -> int:
     dtype = getattr(torch, DTYPES[args.dtype])
     backend = DiffusersBackend.from_pretrained(args.model, dtype=dtype, device=args.device, cache_dir=args.cache_dir,
                                                gradient_checkpointing=args.gradient_checkpointing)
+    backend.check_prompts(prompts)
+    if args.negative_prompt:
+        backend.check_prompts([args.negative_prompt])
     model = backend.at(args.height, args.width, guidance_scale=args.cfg)
     all_prompts = [p for p in prompts for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(all_prompts))]
@@ -220,7 +189,7 @@ def _sample_diffusers(args: argparse.Namespace, prompts: list[str]) -> int:
     if backend.family == "flux":
         extra["true_cfg_scale"] = args.true_cfg
     cond = model.encode(all_prompts, args.negative_prompt, guidance_scale=args.cfg, **extra)
-    steps = args.steps or 30
+    steps = args.steps or backend.default_steps
     sampler = args.sampler or "ddim"
     estimator = _estimator(args, model, reward)
     start = time.perf_counter()
@@ -236,4 +205,5 @@ def _sample_diffusers(args: argparse.Namespace, prompts: list[str]) -> int:
         "true_cfg": args.true_cfg, "negative_prompt": args.negative_prompt, "data_var": args.data_var,
         "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
         "wall_s": time.perf_counter() - start}
-    return _finish(args, Path(args.out), record, result.images, all_prompts, seeds, reward, held_out)
+    upscale = max(1, 256 // max(model.height, model.width))  # tiny (built-in) images are saved enlarged
+    return _finish(args, Path(args.out), record, result.images, all_prompts, seeds, reward, held_out, upscale)

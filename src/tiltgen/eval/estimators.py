@@ -15,10 +15,11 @@ DEFAULT_BETA = 0.1
 def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *, guidance: str | None = None,
                     scale: float = 1.0, t_window: tuple[float, float] | None = None, data_var: float | None = None,
                     variant: str = "bounded", seed: int = 0) -> tuple[Any, float | None]:
-    """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a LatentModel or
-    BuiltinModel). ``learned`` loads ``guidance`` (a folder or ``builtin:<name>``) and tilts at the
-    network's own beta: a different ``beta`` raises. ``tweedie`` and ``trainingfree`` need
-    ``reward`` and default to beta = 0.1; ``data_var`` defaults to the model's own, else 1."""
+    """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a diffusers
+    LatentModel). ``learned`` loads ``guidance`` (a folder or ``builtin:<name>``), refuses a
+    network trained for another base model and tilts at the network's own beta: a different
+    ``beta`` raises. ``tweedie`` and ``trainingfree`` need ``reward`` and default to beta = 0.1;
+    ``data_var`` defaults to the model's ``tiltgen.json`` value, else 1."""
     if method == "unguided":
         return None, beta
     if method == "learned":
@@ -36,7 +37,7 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     from ..tilt.training_free import TrainingFreeGuidance
 
     if data_var is None:
-        data_var = float(getattr(model, "config", {}).get("data_var", 1.0))
+        data_var = float(getattr(model, "info", {}).get("data_var", 1.0))
     return TrainingFreeGuidance(latent_reward, beta, model.schedule, data_var=data_var, variant=variant, scale=scale,
                                 t_window=t_window, seed=seed), beta
 
@@ -51,6 +52,7 @@ def _learned(model: Any, guidance: str | None, beta: float | None, scale: float,
     path = resolve_weights(guidance, "guidance")
     record_path = path / "guidance.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    check_base_model(record, model, path)
     trained_beta = float(record["beta"]) if "beta" in record else None
     if beta is not None and trained_beta is not None and abs(beta - trained_beta) > 1e-12:
         raise TiltgenError(f"the guidance network in {path} was trained at beta={trained_beta:g}; "
@@ -61,3 +63,16 @@ def _learned(model: Any, guidance: str | None, beta: float | None, scale: float,
     if t_window is not None:
         estimator.t_window = t_window
     return estimator, trained_beta
+
+
+def check_base_model(record: dict, model: Any, path: Any) -> None:
+    """Refuse a guidance network trained on another base model (names and fingerprints differ)."""
+    base = record.get("base_model")
+    fingerprint = getattr(model, "fingerprint", None)
+    if not isinstance(base, dict) or fingerprint is None:
+        return
+    mine = fingerprint()
+    if base.get("fingerprint") != mine:
+        raise TiltgenError(f"the guidance network in {path} was trained for {base.get('name')!r} "
+                           f"(fingerprint {base.get('fingerprint')}), not for {getattr(model, 'name', '?')!r} "
+                           f"(fingerprint {mine}); train one for this model with `tiltgen train-guidance`")

@@ -1,20 +1,23 @@
 """``tiltgen demo``: reward-tilted sampling of the built-in text-to-image models, measured.
 
-For each (model, method) row it samples every prompt ``n`` times with the same seeds and
-reports the *target* reward (the learned proxy preference, what guidance optimises), the
-held-out *gold* preference it stands in for (to see reward hacking), prompt fidelity (the
-attribute classifier agrees with every attribute of the caption), diversity (mean pairwise
-RMS pixel distance between the images of one prompt), network evaluations per image and the
-wall time relative to the same model's unguided sampling in the same run.
+Every row is a (model, method): the SD-like diffusion model, its one-step distillation and the
+SD3-like flow, sampled unguided, with Tweedie (plug-in) guidance, learned guidance, training-free
+guidance and best-of-N at matched compute. Each prompt is sampled ``n`` times with the same
+seeds in every row, so a column of the grid shows what a method did to one seed. Per (model,
+prompt, method) it reports the target reward (the learned proxy preference), the held-out gold
+preference it stands in for (reward hacking shows there), prompt fidelity, the binary check,
+diversity, network evaluations and the wall time relative to the same model's unguided row.
+
+Wall ratios come from interleaved repeats (every row of a model once, then again, ...) and the
+fastest repeat of each row; a ratio below 1 for a method that does strictly more work than
+unguided sampling, or one whose repeats disagree by more than 30 %, is flagged as unreliable.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -22,17 +25,29 @@ from tqdm.auto import tqdm
 
 from ..core.model import CountingModel
 from ..errors import TiltgenError
-from .estimators import build_estimator
 from ..tilt.base import GuidedModel
+from .estimators import build_estimator
 
 TARGET_REWARD = "world-proxy"
 GOLD_REWARD = "world-gold"
-DEFAULT_BETA = 0.02
-# (model, method): every method the demo can run; the guidance networks are shipped per model
-ROWS = (("shapes-diffusion", "unguided"), ("shapes-diffusion", "tweedie"), ("shapes-diffusion", "learned"),
-        ("shapes-flow", "unguided"), ("shapes-flow", "tweedie"), ("shapes-flow", "trainingfree"),
-        ("shapes-onestep", "unguided"), ("shapes-onestep", "learned"))
-GUIDANCE = {"shapes-diffusion": "builtin:guidance-diffusion-proxy", "shapes-onestep": "builtin:guidance-onestep-proxy"}
+BINARY_REWARD = "world-binary"
+DEFAULT_BETA = 0.05
+MODELS = {"diffusion": "builtin:world-diffusion", "onestep": "builtin:world-onestep", "flow": "builtin:world-flow"}
+#: Every row the demo can run, per model.
+METHODS: dict[str, tuple[str, ...]] = {
+    "diffusion": ("unguided", "tweedie", "learned", "learned-binary", "bestofn"),
+    "onestep": ("unguided", "learned", "bestofn"),
+    "flow": ("unguided", "trainingfree", "tweedie", "bestofn"),
+}
+GUIDANCE = {("diffusion", "learned"): "builtin:guidance-diffusion-proxy",
+            ("onestep", "learned"): "builtin:guidance-onestep-proxy",
+            ("diffusion", "learned-binary"): "builtin:guidance-diffusion-binary"}
+DEFAULT_ROWS = ("diffusion:unguided", "diffusion:tweedie", "diffusion:learned", "diffusion:bestofn",
+                "onestep:unguided", "onestep:learned", "onestep:bestofn",
+                "flow:unguided", "flow:trainingfree", "flow:tweedie", "flow:bestofn")
+#: Seed offset between best-of-N candidates (candidate 0 is the unguided row's own sample).
+CANDIDATE_STRIDE = 1_000_003
+UNRELIABLE_SPREAD = 1.3
 
 
 @dataclass
@@ -42,255 +57,170 @@ class DemoSettings:
     n: int = 8
     beta: float = DEFAULT_BETA
     seed: int = 0
-    rows: Sequence[tuple[str, str]] = ROWS
-    steps: dict[str, int] = field(default_factory=dict)  # per model; default: the model's own
-    timing_repeats: int = 2  # wall time = the fastest of this many identical runs (timings are noisy)
+    rows: Sequence[tuple[str, str]] = ()
+    timing_repeats: int = 2
+    best_of: int | None = None  # None: matched to the costliest guided row of the same model
 
 
 @dataclass
 class RowResult:
-    record: dict[str, Any]
-    images: Tensor  # [P * n, 3, S, S], prompt-major
+    model: str
+    method: str
+    images: Tensor                  # [P * n, 3, H, W], prompt-major
+    walls: list[float]
+    model_evals: float              # network evaluations per image (CFG counts 2)
+    backward: bool                  # back-propagates through the generator
+    beta: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_rows(text: str | None) -> list[tuple[str, str]]:
-    """``model:method,...`` (model without the ``shapes-`` prefix allowed) -> rows; None -> all."""
-    if not text:
-        return list(ROWS)
+def parse_rows(text: str | Sequence[str] | None) -> list[tuple[str, str]]:
+    """``model:method,...`` -> rows (None: the default rows)."""
+    items = list(DEFAULT_ROWS) if not text else \
+        [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
     rows = []
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        if ":" not in item:
-            raise TiltgenError(f"row {item!r} must be MODEL:METHOD, e.g. diffusion:learned")
-        model, method = (s.strip() for s in item.split(":", 1))
-        model = model if model.startswith("shapes-") else f"shapes-{model}"
-        if (model, method) not in ROWS:
-            choices = ", ".join(f"{m.removeprefix('shapes-')}:{k}" for m, k in ROWS)
+    for item in items:
+        model, _, method = item.partition(":")
+        model = model.removeprefix("world-")
+        if method not in METHODS.get(model, ()):
+            choices = ", ".join(f"{m}:{k}" for m, ks in METHODS.items() for k in ks)
             raise TiltgenError(f"unknown demo row {item!r}; choose from: {choices}")
         rows.append((model, method))
     return rows
 
 
-def diversity(images: Tensor, groups: int) -> float | None:
-    """Mean pairwise RMS pixel distance between the images of each group (prompt), averaged;
-    None with one image per prompt."""
-    per = images.reshape(groups, -1, *images.shape[1:]).flatten(2).double()
-    if per.shape[1] < 2:
-        return None
-    out = []
-    for g in per:
-        d = torch.cdist(g, g) / g.shape[1] ** 0.5
-        k = g.shape[0]
-        out.append(float(d.sum() / (k * (k - 1))))
-    return sum(out) / len(out)
+# --------------------------------------------------------------------------------------------
+# Sampling one row
+# --------------------------------------------------------------------------------------------
+
+def _seeds(settings: DemoSettings) -> list[int]:
+    # the same n seeds for every prompt, so column j of the grid is one seed under every method
+    return [settings.seed + i % settings.n for i in range(len(settings.prompts) * settings.n)]
 
 
-def tilted_target(values: Tensor, groups: int, beta: float) -> float:
-    """The tilted mean reward E_p*[r] estimated from unguided samples by self-normalised
-    importance weights exp(r / beta) per prompt (noisy for few samples; a reference, not a bound)."""
-    per = values.double().reshape(groups, -1)
-    weights = torch.softmax(per / beta, dim=1)
-    return float((weights * per).sum(1).mean())
-
-
-def run_row(model: Any, method: str, settings: DemoSettings, rewards: dict[str, Any]) -> tuple[RowResult, float]:
-    """Sample one (model, method) row and measure it; returns the result and its sampling wall time."""
-    from ..world.rewards import attribute_agreement
-
+def _guided_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
+                   ) -> tuple[Callable[[], Tensor], CountingModel, float | None]:
     prompts = [p for p in settings.prompts for _ in range(settings.n)]
-    seeds = [settings.seed + i % settings.n for i in range(len(prompts))]  # same seeds for every prompt
     cond = model.encode(prompts)
-    estimator, _ = build_estimator(model, method, rewards["target"], settings.beta,
-                                   guidance=GUIDANCE.get(model.name.removeprefix("builtin:")))
+    learned = method.startswith("learned")  # a learned network tilts at the beta it was trained for
+    estimator, beta = build_estimator(model, "learned" if learned else method, reward,
+                                      None if learned else settings.beta, guidance=GUIDANCE.get((name, method)))
     counter = CountingModel(model)
     wrapped = counter if estimator is None else GuidedModel(counter, model.schedule, estimator)
-    steps = settings.steps.get(model.name.removeprefix("builtin:"), model.default_steps)
-    walls = []
-    for _ in range(settings.timing_repeats):  # sampling is deterministic: repeats only re-time it
+    steps = model.backend.default_steps
+
+    def run() -> Tensor:
         counter.calls = counter.sample_evals = 0
-        start = time.perf_counter()
-        out = model.sample(cond, seeds=seeds, steps=steps, model=wrapped)
-        walls.append(time.perf_counter() - start)
-    wall = min(walls)
-    images = out.images
-    with torch.no_grad():
-        gold = rewards["gold"](images, prompts).float()
-        proxy = rewards["target"](images, prompts).float()
-    agreement = attribute_agreement(images, prompts)
-    name = model.name.removeprefix("builtin:")
-    record = {"model": name, "method": method, "prompt_set": settings.prompt_set,
-              "gold": float(gold.mean()), "proxy": float(proxy.mean()), "fidelity": float(agreement["all"]),
-              "diversity": diversity(images, len(settings.prompts)),
-              "model_evals": counter.sample_evals / len(prompts) * model.evals_per_call(cond),
-              "wall_ratio": None, "wall_s": wall, "beta": None if method == "unguided" else settings.beta,
-              "steps": steps, "sampler": model.default_sampler, "cfg": cond.cfg_scale, "n_images": len(prompts),
-              "fidelity_per_attribute": {k: float(v) for k, v in agreement.items() if k != "all"},
-              "backward_per_image": steps if method == "tweedie" else 0,
-              "proxy_tilted_target": tilted_target(proxy, len(settings.prompts), settings.beta)
-              if method == "unguided" else None}
-    return RowResult(record, images), wall
+        return model.sample(cond, seeds=_seeds(settings), steps=steps, model=wrapped).images
+
+    return run, counter, beta
+
+
+def _best_of_runner(model: Any, settings: DemoSettings, reward: Any, best_of: int
+                    ) -> tuple[Callable[[], Tensor], CountingModel]:
+    prompts = [p for p in settings.prompts for _ in range(settings.n)]
+    cond = model.encode([p for p in prompts for _ in range(best_of)])
+    seeds = [s + k * CANDIDATE_STRIDE for s in _seeds(settings) for k in range(best_of)]
+    counter = CountingModel(model)
+    steps = model.backend.default_steps
+
+    def run() -> Tensor:
+        counter.calls = counter.sample_evals = 0
+        images = model.sample(cond, seeds=seeds, steps=steps, model=counter).images
+        with torch.no_grad():
+            scores = reward(images, cond).reshape(len(prompts), best_of)
+        pick = scores.argmax(1) + torch.arange(len(prompts)) * best_of
+        return images[pick]
+
+    return run, counter
+
+
+def _time_rows(runners: dict[str, Callable[[], Tensor]], repeats: int) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
+    """Run every row ``repeats`` times, interleaved; the first run's images, every wall time."""
+    images: dict[str, Tensor] = {}
+    walls: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for key, run in runners.items():
+            start = time.perf_counter()
+            out = run()
+            walls[key].append(time.perf_counter() - start)
+            images.setdefault(key, out)
+    return images, walls
+
+
+def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, rewards: dict[str, Any],
+                   progress: Any = None) -> list[RowResult]:
+    """All rows of one model (``methods`` starts with "unguided"), timed against its unguided row."""
+    from ..backends.diffusers import DiffusersBackend
+
+    model = DiffusersBackend.from_pretrained(MODELS[name]).at()
+    model.backend.check_prompts(settings.prompts)
+    prompts = [p for p in settings.prompts for _ in range(settings.n)]
+    model.sample(model.encode(prompts[:2]), seeds=[0, 1], steps=1)  # first-call initialisation, untimed
+    runners: dict[str, Callable[[], Tensor]] = {}
+    meta: dict[str, tuple[CountingModel, float | None]] = {}
+    for method in ["unguided"] + [m for m in methods if m not in ("unguided", "bestofn")]:
+        reward = rewards["binary" if method == "learned-binary" else "target"]
+        run, counter, beta = _guided_runner(model, method, name, settings, reward)
+        runners[method], meta[method] = run, (counter, beta)
+    images, walls = _time_rows(runners, settings.timing_repeats)
+    if progress is not None:
+        progress.update(len(runners))
+    evals_per_call = model.evals_per_call(model.encode(prompts[:1]))
+    results = {m: RowResult(name, m, images[m], walls[m], meta[m][0].sample_evals / len(prompts) * evals_per_call,
+                            m == "tweedie", None if m == "unguided" else meta[m][1]) for m in runners}
+    if "bestofn" in methods:
+        base = min(walls["unguided"])
+        best_of = settings.best_of or max(2, round(max([min(w) / base for m, w in walls.items() if m != "unguided"],
+                                                       default=2.0)))
+        run, counter = _best_of_runner(model, settings, rewards["target"], best_of)
+        more_images, more_walls = _time_rows({"bestofn": run, "unguided": runners["unguided"]}, settings.timing_repeats)
+        results["unguided"].walls += more_walls["unguided"]
+        results["bestofn"] = RowResult(name, "bestofn", more_images["bestofn"], more_walls["bestofn"],
+                                       counter.sample_evals / len(prompts) * evals_per_call, False, None,
+                                       {"best_of": best_of})
+        if progress is not None:
+            progress.update(1)
+    return [results[m] for m in methods]
 
 
 def run_demo(settings: DemoSettings, progress: bool = True) -> list[RowResult]:
-    """Every row of ``settings``; wall ratios are relative to the same model's unguided row
-    (sampled, unrecorded, for the ratio if the row list lacks it)."""
-    from ..builtin.data import check_prompt
-    from ..builtin.models import load_model
+    """Every row of ``settings``, model by model; each model's unguided row is always sampled
+    (the reference of gains and wall ratios) and listed first."""
     from ..rewards import get_reward
 
     if settings.n < 1:
         raise TiltgenError(f"n must be >= 1, got {settings.n}")
     if not settings.prompts:
         raise TiltgenError("the demo needs at least one prompt")
+    if settings.timing_repeats < 1:
+        raise TiltgenError(f"timing repeats must be >= 1, got {settings.timing_repeats}")
+    rows = list(settings.rows) or parse_rows(None)
+    from ..world import parse_caption
+
     for p in settings.prompts:
-        check_prompt(p)
-    rewards = {"target": get_reward(TARGET_REWARD), "gold": get_reward(GOLD_REWARD)}
-    models: dict[str, Any] = {}
+        parse_caption(p)
+    rewards = {"target": get_reward(TARGET_REWARD), "binary": get_reward(BINARY_REWARD)}
+    models = list(dict.fromkeys(m for m, _ in rows))
+    bar = tqdm(total=sum(1 + sum(k != "unguided" for mm, k in rows if mm == m) for m in models), desc="demo",
+               disable=not progress, dynamic_ncols=True)
     results: list[RowResult] = []
-    unguided_wall: dict[str, float] = {}
-    bar = tqdm(settings.rows, desc="demo", disable=not progress)
-    for name, method in bar:
-        bar.set_postfix_str(f"{name.removeprefix('shapes-')}:{method}")
-        if name not in models:
-            models[name] = load_model(f"builtin:{name}")
-            _warm_up(models[name], settings)
-            if (name, "unguided") not in settings.rows:  # time the baseline of the wall ratio anyway
-                unguided_wall[name] = run_row(models[name], "unguided", settings, rewards)[1]
-        result, wall = run_row(models[name], method, settings, rewards)
-        if method == "unguided":
-            unguided_wall[name] = wall
-        results.append(result)
-    for r in results:
-        r.record["wall_ratio"] = r.record["wall_s"] / unguided_wall[r.record["model"]]
+    for name in models:
+        bar.set_postfix_str(name)
+        methods = list(dict.fromkeys(k for m, k in rows if m == name))
+        results += run_model_rows(name, ["unguided"] + [k for k in methods if k != "unguided"], settings, rewards, bar)
+    bar.close()
     return results
 
 
-def _warm_up(model: Any, settings: DemoSettings) -> None:
-    # first calls at a batch shape pay for lazy initialisation (kernels, caches): keep them out of the timings
-    prompts = [p for p in settings.prompts for _ in range(settings.n)]
-    model.sample(model.encode(prompts), seeds=list(range(len(prompts))), steps=2)
-
-
-# ---- reports -----------------------------------------------------------------------------------
-COLUMNS = ("model", "method", "prompt_set", "gold", "proxy", "fidelity", "diversity", "model_evals", "wall_ratio")
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def markdown_table(records: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(round(r[c]) if c == "model_evals" else r.get(c)) for c in columns) + " |"
-              for r in records]
-    return "\n".join(lines)
-
-
-def _find(records: Sequence[dict[str, Any]], model: str, method: str) -> dict[str, Any] | None:
-    return next((r for r in records if r["model"] == model and r["method"] == method), None)
-
-
-def findings(records: Sequence[dict[str, Any]]) -> list[str]:
-    """Plain-language comparisons the issue asks for, computed from the records."""
-    lines = []
-    for r in records:
-        base = _find(records, r["model"], "unguided")
-        if r["method"] == "unguided" or base is None:
-            continue
-        d_proxy, d_gold = r["proxy"] - base["proxy"], r["gold"] - base["gold"]
-        d_target = base["proxy_tilted_target"] - base["proxy"]
-        d_fid = r["fidelity"] - base["fidelity"]
-        verdict = ("raises proxy and gold" if d_proxy > 0 and d_gold > 0 else
-                   "raises the proxy but not the gold (reward hacking)" if d_proxy > 0 else "does not raise the proxy")
-        lines.append(f"{r['model']} {r['method']}: proxy {d_proxy:+.4f}, gold {d_gold:+.4f}, fidelity {d_fid:+.3f} "
-                     f"vs unguided — {verdict}; gold/proxy gain ratio "
-                     f"{(d_gold / d_proxy) if d_proxy else float('nan'):.2f}; the exact tilt's proxy gain, "
-                     f"estimated by importance-weighting the unguided samples, is {d_target:+.4f}.")
-    return lines
-
-
-def comparison_onestep(records: Sequence[dict[str, Any]]) -> str | None:
-    """The one-step generator with learned guidance vs the 50-step unguided diffusion model."""
-    rows = [r for r in (_find(records, "shapes-diffusion", "unguided"), _find(records, "shapes-onestep", "unguided"),
-                        _find(records, "shapes-onestep", "learned"), _find(records, "shapes-diffusion", "learned"))
-            if r is not None]
-    if len(rows) < 2:
-        return None
-    base = rows[0]
-    table = []
-    for r in rows:
-        table.append({**r, "steps": r["steps"], "wall_vs_diffusion": r["wall_s"] / base["wall_s"]})
-    return markdown_table(table, ("model", "method", "steps", "gold", "proxy", "fidelity", "model_evals",
-                                  "wall_vs_diffusion"))
-
-
-def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Path, wall_total: float) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    records = [r.record for r in results]
-    paths = {"json": out / "results.json", "md": out / "results.md", "grid": out / "grid.png"}
-    paths["json"].write_text(json.dumps(records, indent=2))
-    parts = [f"# tiltgen demo ({settings.prompt_set} prompts)\n",
-             f"Target reward `{TARGET_REWARD}` (learned proxy preference) at beta = {settings.beta:g}; held-out "
-             f"`{GOLD_REWARD}`; {settings.n} images per prompt, seeds {settings.seed}..{settings.seed + settings.n - 1}; "
-             f"total {wall_total:.0f} s.\n",
-             "Prompts:\n" + "\n".join(f"* {p}" for p in settings.prompts) + "\n",
-             markdown_table(records) + "\n",
-             "fidelity = fraction of images whose every attribute the classifier reads matches the caption; "
-             "diversity = mean pairwise RMS pixel distance within a prompt; model_evals = network evaluations per "
-             "image (classifier-free guidance counts 2; Tweedie also back-propagates through each); wall_ratio = "
-             "sampling wall time / the same model's unguided sampling in this run (fastest of "
-             f"{settings.timing_repeats} identical runs each).\n",
-             "## Per-attribute fidelity\n",
-             markdown_table([{**r, **r["fidelity_per_attribute"]} for r in records],
-                            ("model", "method") + tuple(records[0]["fidelity_per_attribute"])) + "\n"]
-    comparison = comparison_onestep(records)
-    if comparison:
-        parts += ["## One-step generator with learned guidance vs the 50-step diffusion model\n", comparison + "\n"]
-    parts += ["## Findings\n", "\n".join(f"* {line}" for line in findings(records)) + "\n"]
-    paths["md"].write_text("\n".join(parts))
-    plot_grid(results, settings, paths["grid"])
-    return paths
-
-
-def plot_grid(results: Sequence[RowResult], settings: DemoSettings, path: Path, per_prompt: int = 4) -> Path:
-    """Rows = (model, method), labelled; columns = the first ``per_prompt`` seeds of each prompt."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = min(per_prompt, settings.n)
-    cols = len(settings.prompts) * k
-    fig, axes = plt.subplots(len(results), cols, figsize=(0.9 * cols + 2.2, 0.95 * len(results) + 0.8),
-                             squeeze=False)
-    for i, result in enumerate(results):
-        for p in range(len(settings.prompts)):
-            for j in range(k):
-                ax = axes[i, p * k + j]
-                ax.imshow(result.images[p * settings.n + j].permute(1, 2, 0).clamp(0, 1).numpy(),
-                          interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if i == 0 and j == 0:
-                    ax.set_title(settings.prompts[p].replace(" on a ", "\non a "), fontsize=6, loc="left")
-        r = result.record
-        axes[i, 0].set_ylabel(f"{r['model'].removeprefix('shapes-')}\n{r['method']}", fontsize=8, rotation=0,
-                              ha="right", va="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def fresh_output_dir(base: str = "tiltgen-demo") -> Path:
-    """A new folder in the working directory, named by date and time (suffixed if it exists)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(f"{base}-{stamp}")
-    i = 1
-    while path.exists():
-        path = Path(f"{base}-{stamp}-{i}")
-        i += 1
-    return path
+def wall_ratio(row: RowResult, base: RowResult) -> tuple[float, str | None]:
+    """min(row walls) / min(unguided walls), and why it is unreliable (or None)."""
+    ratio = min(row.walls) / min(base.walls)
+    if row.method == "unguided":
+        return 1.0, None
+    spread = max(max(w) / min(w) for w in (row.walls, base.walls))
+    if ratio < 1.0:
+        return ratio, "below 1 for a method that does more work than unguided sampling: timing noise"
+    if spread > UNRELIABLE_SPREAD:
+        return ratio, f"repeats differ by {100 * (spread - 1):.0f}%: the machine was busy"
+    return ratio, None

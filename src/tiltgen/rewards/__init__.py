@@ -12,4 +12,3 @@ from . import blip, clip_rewards, simple  # noqa: E402,F401  (registers brightne
 from .combine import WeightedReward, parse_reward_spec, reward_from_spec  # noqa: E402
 
 __all__ += ["WeightedReward", "parse_reward_spec", "reward_from_spec"]
-from ..world import rewards as _world_rewards  # noqa: E402,F401  (registers world-gold, world-proxy, world-fidelity[-match])

@@ -87,7 +87,11 @@ class DiffusersBackend:
     """
 
     def __init__(self, pipe: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, info: dict[str, Any] | None = None, name: str | None = None):
+        """``info``: the folder's ``tiltgen.json`` (built-in models): default steps, CFG and T5
+        length, and the vocabulary prompts must stay within; ``name``: how the model was addressed."""
+        self.info = dict(info or {})
+        self.name = name or self.info.get("name") or type(pipe).__name__
         name = type(pipe).__name__
         if name not in FAMILIES:
             raise TiltgenError(f"pipeline class {name!r} is not supported; supported: {', '.join(FAMILIES)}")
@@ -132,10 +136,53 @@ class DiffusersBackend:
                         revision: str | None = None, variant: str | None = None,
                         gradient_checkpointing: bool = False) -> "DiffusersBackend":
         """Load from a ``save_pretrained`` folder or a model id in the local HF cache."""
-        from .loading import load_pipeline
+        from ...builtin import read_info
+        from .loading import load_pipeline, resolve_model_path
 
-        pipe = load_pipeline(name_or_path, torch_dtype=dtype, cache_dir=cache_dir, revision=revision, variant=variant)
-        return cls(pipe, device=device, gradient_checkpointing=gradient_checkpointing)
+        path = resolve_model_path(name_or_path, cache_dir=cache_dir, revision=revision)
+        pipe = load_pipeline(path, torch_dtype=dtype, variant=variant)
+        return cls(pipe, device=device, gradient_checkpointing=gradient_checkpointing, info=read_info(path),
+                   name=str(name_or_path))
+
+    @property
+    def default_steps(self) -> int:
+        """Sampling steps a model is meant for (its ``tiltgen.json``; else 30)."""
+        return int(self.info.get("default_steps", 30))
+
+    def default_guidance_scale(self) -> float:
+        """Classifier-free guidance scale by default (its ``tiltgen.json``; else the pipeline family's)."""
+        if "default_cfg" in self.info:
+            return float(self.info["default_cfg"])
+        return {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}[self.family]
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Models with a closed vocabulary (the built-in ones) refuse prompts with other words."""
+        vocabulary = self.info.get("vocabulary")
+        if not vocabulary:
+            return
+        known = set(vocabulary)
+        for prompt in prompts:
+            unknown = [w for w in str(prompt).lower().rstrip(".").split() if w not in known]
+            if unknown:
+                raise TiltgenError(f"unknown word {unknown[0]!r} in prompt {prompt!r}: {self.name} knows only the "
+                                   f"built-in world's words: {', '.join(vocabulary)}")
+
+    def fingerprint(self) -> str:
+        """A short hash of the denoiser's config and weights: which base model a guidance network
+        belongs to. Each tensor contributes its name, shape and up to 4096 evenly spaced values,
+        so hashing a real checkpoint takes well under a second."""
+        import hashlib
+        import json as _json
+
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256(_json.dumps(dict(self.denoiser.config), sort_keys=True, default=str).encode())
+            for key, value in sorted(self.denoiser.state_dict().items()):
+                flat = value.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float32).cpu()
+                h.update(f"{key}{tuple(value.shape)}".encode())
+                h.update(sample.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def _modules(self) -> list[torch.nn.Module]:
         return [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
@@ -176,6 +223,7 @@ class DiffusersBackend:
         prompts = [str(p) for p in ([prompts] if isinstance(prompts, str) else prompts)]
         if not prompts:
             raise TiltgenError("need at least one prompt")
+        self.check_prompts(prompts)
         if negative_prompts is None or isinstance(negative_prompts, str):
             negatives = [negative_prompts or ""] * len(prompts)
         else:
@@ -188,7 +236,9 @@ class DiffusersBackend:
         # None (not "") for absent negatives: SDXL then uses zero embeddings (force_zeros_for_empty_prompt)
         neg_arg = None if not any(uniq_n) else uniq_n
         if guidance_scale is None:
-            guidance_scale = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}[self.family]
+            guidance_scale = self.default_guidance_scale()
+        if max_sequence_length is None and "max_sequence_length" in self.info:
+            max_sequence_length = int(self.info["max_sequence_length"])
         height, width = (height, width) if height and width else self.default_size()
         cfg_scale = float(guidance_scale if self.family != "flux" else true_cfg_scale)
         cfg = cfg_scale > 1.0
@@ -282,6 +332,17 @@ class LatentModel:
         if self.family == "flux":
             self._img_ids = self.pipe._prepare_latent_image_ids(1, self.latent_shape[1] // 2, self.latent_shape[2] // 2,
                                                                 backend.device, backend.dtype)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.backend.info
+
+    def fingerprint(self) -> str:
+        return self.backend.fingerprint()
 
     def __repr__(self) -> str:
         return (f"LatentModel({type(self.pipe).__name__}, {self.height}x{self.width}, latent {self.latent_shape}, "
@@ -452,9 +513,10 @@ class LatentModel:
 
     # ---- sampling -------------------------------------------------------------------------------------
     def sample(self, cond: PromptCondition, *, seeds: Sequence[int] | None = None, seed: int = 0, steps: int = 50,
-               sampler: str = "ddim", guidance: Any = None, times: Tensor | None = None, decode: bool = True,
-               callback: Callable | None = None, progress: bool = False) -> "SampleOutput":
-        """Sample latents (and images) for ``cond``; ``guidance`` is an estimator wrapped by GuidedModel.
+               sampler: str = "ddim", guidance: Any = None, model: Model | None = None, times: Tensor | None = None,
+               decode: bool = True, callback: Callable | None = None, progress: bool = False) -> "SampleOutput":
+        """Sample latents (and images) for ``cond``; ``guidance`` is an estimator wrapped by
+        GuidedModel, or pass any ``model`` built on this one (e.g. a counting or guided wrapper).
 
         The default ``ddim`` sampler on the scheduler's grid reproduces the pipeline (unguided).
         """
@@ -462,17 +524,28 @@ class LatentModel:
         if len(seeds) != len(cond):
             raise TiltgenError(f"{len(seeds)} seeds for {len(cond)} prompts")
         grid = self.times(steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
-        model: Model = self
-        if guidance is not None:
-            from ...tilt.base import GuidedModel
+        if model is None:
+            model = self
+            if guidance is not None:
+                from ...tilt.base import GuidedModel
 
-            model = GuidedModel(self, self.schedule, guidance)
+                model = GuidedModel(self, self.schedule, guidance)
+        elif guidance is not None:
+            raise TiltgenError("pass either guidance= or model=, not both")
         x_init = self.initial_latents(seeds)
         with torch.no_grad():
             latents = core_sample(model, self.schedule, cond=cond, x_init=x_init, seeds=seeds, sampler=sampler,
                                   times=grid, callback=callback, progress=progress, device=x_init.device)
             images = self.decode(latents) if decode else None
         return SampleOutput(latents=latents, images=images, times=grid)
+
+    def evals_per_call(self, cond: PromptCondition | None = None) -> int:
+        """Network evaluations per sample per model call (2 with classifier-free guidance)."""
+        if cond is None:
+            scale = self.encode_defaults.get("guidance_scale")
+            scale = self.backend.default_guidance_scale() if scale is None else float(scale)
+            return 2 if scale > 1.0 and self.family != "flux" else 1
+        return 2 if cond.uses_cfg else 1
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Find and load a diffusers pipeline from a local folder or the Hugging Face cache (never the network).
 
 A *local folder* is anything a pipeline's ``save_pretrained`` wrote: a ``model_index.json`` naming
-the pipeline class and one sub-folder per component. A *model id* (``org/name``) is resolved in
-the local Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``cache_dir``) with
+the pipeline class and one sub-folder per component. ``builtin:<name>`` is such a folder shipped
+with tiltgen (the built-in world's models). A *model id* (``org/name``) is resolved in the local
+Hugging Face cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``cache_dir``) with
 ``local_files_only=True``; tiltgen never downloads weights itself.
 """
 
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ...builtin import PREFIX, builtin_path
 from ...errors import TiltgenError
 from ...hub import cached_snapshot, hf_cache_dir, looks_like_model_id
 
@@ -26,6 +28,12 @@ def resolve_model_path(name_or_path: str | os.PathLike, *, cache_dir: str | os.P
                        revision: str | None = None) -> Path:
     """Local folder of a diffusers pipeline: ``name_or_path`` itself, or its snapshot in the HF cache."""
     name = str(name_or_path)
+    if name.startswith(PREFIX):
+        path = builtin_path(name)
+        if not (path / "model_index.json").is_file():
+            raise TiltgenError(f"{name} is not a text-to-image model (it has no model_index.json); "
+                               "`tiltgen models` lists the built-in models")
+        return path
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -77,7 +85,7 @@ def check_components(path: Path, index: dict[str, Any]) -> None:
         if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir()):
             missing.append(f"{name}/*.safetensors (weights)")
     if missing:
-        raise TiltgenError(f"pipeline folder {path} is incomplete; missing: {', '.join(missing)}")
+        raise TiltgenError(f"pipeline folder {path} is incomplete; missing component(s): {', '.join(missing)}")
 
 
 def load_pipeline(name_or_path: str | os.PathLike, *, torch_dtype: Any = None, cache_dir: str | os.PathLike | None = None,

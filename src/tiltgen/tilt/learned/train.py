@@ -345,6 +345,9 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     run = _Run(config, potential, pool, data, embeddings)
     full_config = {"train": config.to_json(), "net": net_config, "schedule": schedule.config(), "s_data": s_data,
                    "shape": list(shape), "prediction": model.prediction, "model": _describe(model),
+                   # which base model this network belongs to (checked when it is loaded for sampling)
+                   "base_model": ({"name": _describe(model), "fingerprint": model.fingerprint()}
+                                  if callable(getattr(model, "fingerprint", None)) else None),
                    "reward": reward_name(reward),
                    # network evaluations per model call (2 for a model with classifier-free guidance)
                    "evals_per_model_call": int(model.evals_per_call()) if hasattr(model, "evals_per_call") else 1,

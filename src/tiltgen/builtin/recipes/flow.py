@@ -1,0 +1,105 @@
+"""Train the SD3-like built-in model: a ``StableDiffusion3Pipeline`` folder (two CLIP text
+encoders with projections and a T5 encoder over the world's words, an ``SD3Transformer2DModel``
+on 8x8x4 latents, the world VAE, ``FlowMatchEulerDiscreteScheduler``).
+
+    python -m tiltgen.builtin.recipes.flow --vae runs/world-vae --out src/tiltgen/builtin/weights/world-flow --seed 0
+
+Rectified flow (x_t = (1 - t) x0 + t eps, velocity target eps - x0, logit-normal t as in
+SD3), the transformer and all three text encoders trained together from scratch, on the same
+latents and training captions as the diffusion model. Prompts are encoded by the pipeline's
+own ``encode_prompt``, so training sees exactly what sampling does. The T5 sequence is usually
+``T5_MAX_LENGTH`` tokens (tiltgen's default) and sometimes 256 (the pipeline's default), so
+plain diffusers calls work too. The EMA of the weights is saved.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .common import Trainer, base_parser, finish, setup, write_readme
+from .latents import latent_bank, sample_latents, training_captions
+from .pipelines import (SD3_CLIP_DIM, SD3_T5_DIM, load_vae, save_sd3_pipeline, sd3_scheduler, sd3_transformer_config,
+                        write_info)
+from .text import T5_MAX_LENGTH, clip_text_config, clip_tokenizer, t5_config, t5_tokenizer
+
+DEFAULT_STEPS = 28
+DEFAULT_CFG = 3.0
+P_LONG_T5 = 0.05
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = base_parser("python -m tiltgen.builtin.recipes.flow", __doc__, steps=6000, batch_size=128, lr=1e-3)
+    parser.add_argument("--vae", required=True, help="the world AutoencoderKL folder (recipes.vae)")
+    parser.add_argument("--data", type=int, default=120000, help="training images")
+    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    work = setup(args)
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    vae = load_vae(args.vae)
+    scale, shift = float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
+    bank = latent_bank(vae, args.data, seed=args.seed + 21)
+    tokenizers = (clip_tokenizer(), clip_tokenizer(), t5_tokenizer())
+    encoders = (CLIPTextModelWithProjection(clip_text_config(len(tokenizers[0]), SD3_CLIP_DIM)),
+                CLIPTextModelWithProjection(clip_text_config(len(tokenizers[1]), SD3_CLIP_DIM)),
+                T5EncoderModel(t5_config(len(tokenizers[2]), SD3_T5_DIM)))
+    transformer = SD3Transformer2DModel(**sd3_transformer_config())
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sd3_scheduler(), vae=vae,
+                                    text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1],
+                                    tokenizer_2=tokenizers[1], text_encoder_3=encoders[2], tokenizer_3=tokenizers[2])
+    trainer = Trainer({"transformer": transformer, "text_encoder": encoders[0], "text_encoder_2": encoders[1],
+                       "text_encoder_3": encoders[2]}, args)
+    n = bank["mean"].shape[0]
+
+    def loss_at(step: int, g: torch.Generator) -> Tensor:
+        idx = torch.randint(0, n, (args.batch_size,), generator=g)
+        x0 = sample_latents(bank, idx, scale, g) - shift * scale
+        prompts = training_captions([bank["scenes"][i] for i in idx.tolist()], args.seed, step)
+        length = 256 if float(torch.rand(1, generator=g)) < P_LONG_T5 else T5_MAX_LENGTH
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=torch.device("cpu"),
+                                                  do_classifier_free_guidance=False, max_sequence_length=length)
+        t = torch.sigmoid(torch.randn(args.batch_size, generator=g))  # logit-normal(0, 1)
+        eps = torch.randn(x0.shape, generator=g)
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        pred = transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=embeds,
+                           pooled_projections=pooled, return_dict=False)[0]
+        return (pred - (eps - x0)).pow(2).mean()
+
+    try:
+        trainer.run(loss_at, work, "train flow transformer + text encoders")
+    except KeyboardInterrupt:
+        return 130
+    out = Path(args.out)
+    ema = trainer.ema
+    save_sd3_pipeline(out, vae=vae, transformer=ema["transformer"],
+                      text_encoders=(ema["text_encoder"], ema["text_encoder_2"], ema["text_encoder_3"]),
+                      tokenizers=tokenizers)
+    write_info(out, {"name": out.name, "family": "flow", "pipeline": "StableDiffusion3Pipeline",
+                     "default_steps": DEFAULT_STEPS, "default_cfg": DEFAULT_CFG, "seed": args.seed,
+                     "train_wall_s": round(trainer.wall, 1)})
+    write_readme(out, out.name, "SD3-like rectified-flow text-to-image model of the built-in world: a complete "
+                 "`StableDiffusion3Pipeline` folder (two CLIP text encoders and a tiny T5 over the world's words, "
+                 "`SD3Transformer2DModel` on 8x8x4 latents, the world `AutoencoderKL`, "
+                 f"`FlowMatchEulerDiscreteScheduler`). tiltgen samples it with {DEFAULT_STEPS} steps, CFG "
+                 f"{DEFAULT_CFG:g} and {T5_MAX_LENGTH} T5 tokens; plain diffusers:\n\n"
+                 "```python\nfrom diffusers import DiffusionPipeline\npipe = DiffusionPipeline.from_pretrained(folder)\n"
+                 f"images = pipe(\"a red shape\", num_inference_steps={DEFAULT_STEPS}, guidance_scale={DEFAULT_CFG:g}, "
+                 f"max_sequence_length={T5_MAX_LENGTH}, output_type=\"pil\").images\n```",
+                 ["tiltgen.builtin.recipes.flow"] + argv,
+                 f"The VAE comes from `python -m tiltgen.builtin.recipes.vae --out runs/world-vae --seed 0`.\n\n"
+                 f"seed {args.seed}; {trainer.step} steps of batch {args.batch_size}, AdamW lr {args.lr} (warm-up 200, "
+                 f"cosine), EMA 0.999, {args.data} training images; training wall time {trainer.wall / 60:.1f} min; "
+                 f"final loss {trainer.final_loss():.4f}.")
+    finish(work)
+    print(f"pipeline written to {out} ({trainer.step} steps, {trainer.wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Training data of the latent denoisers: world images encoded once by the VAE, with their
+scenes, and training captions drawn afresh every step."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ...world import Scene, partial_caption
+from .common import as_float, cached, world_bank
+
+
+def _fingerprint(vae: Any) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(vae.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def latent_bank(vae: Any, n: int, seed: int, chunk: int = 1024) -> dict[str, Any]:
+    """{"mean", "std": [n, 4, 8, 8] posterior moments (unscaled), "scenes": [n] Scene} of ``n``
+    world images (held-out pairs excluded) of the stream ``seed``. Cached per VAE."""
+    def build() -> dict[str, Any]:
+        bank = world_bank(n, seed)
+        means, stds = [], []
+        with torch.no_grad():
+            for i in tqdm(range(0, n, chunk), desc="encode latents", dynamic_ncols=True):
+                dist = vae.encode(as_float(bank["images"][i:i + chunk]) * 2 - 1).latent_dist
+                means.append(dist.mean)
+                stds.append(dist.std)
+        return {"mean": torch.cat(means), "std": torch.cat(stds), "scenes": bank["scenes"]}
+
+    return cached("latent-bank", {"n": n, "seed": seed, "vae": _fingerprint(vae), "version": 1}, build)
+
+
+def sample_latents(bank: dict[str, Any], idx: Tensor, scale: float, g: torch.Generator) -> Tensor:
+    """Posterior samples of the bank's latents ``idx``, times the VAE's scaling factor."""
+    mean, std = bank["mean"][idx], bank["std"][idx]
+    return (mean + std * torch.randn(mean.shape, generator=g)) * scale
+
+
+def training_captions(scenes: Sequence[Scene], seed: int, step: int) -> list[str]:
+    """One training caption (attributes dropped at random) per scene, seeded by (seed, step)."""
+    g = np.random.default_rng(np.random.SeedSequence([seed, step, 7]))
+    return [partial_caption(s, g) for s in scenes]
+

@@ -1,0 +1,253 @@
+"""Measuring and reporting the demo's rows: per-(model, prompt, method) records, effect sizes
+against the base model's within-prompt spread, attribute histograms that moved, the grid."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .world_demo import BINARY_REWARD, GOLD_REWARD, TARGET_REWARD, DemoSettings, RowResult, wall_ratio
+
+#: An attribute histogram "moved" when its total-variation distance from unguided is at least this.
+MOVED_TV = 0.15
+HISTOGRAMS = ("count", "background", "colour", "shape", "size", "position")
+
+
+def diversity(images: Tensor) -> float | None:
+    """Mean pairwise RMS pixel distance between images [k, 3, H, W]; None for one image."""
+    flat = images.flatten(1).double()
+    k = flat.shape[0]
+    if k < 2:
+        return None
+    d = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+    return float(d.sum() / (k * (k - 1)))
+
+
+def histograms(readings: Sequence[Any]) -> dict[str, dict[str, float]]:
+    """Fractions of each attribute value over the readings (count per image, the rest per shape)."""
+    out: dict[str, Counter] = {k: Counter() for k in HISTOGRAMS}
+    for r in readings:
+        out["count"][str(min(len(r.shapes), 3)) if len(r.shapes) < 3 else "3+"] += 1
+        out["background"][r.background] += 1
+        for s in r.shapes:
+            for k in ("colour", "shape", "size", "position"):
+                out[k][getattr(s, k)] += 1
+    return {k: {v: c / max(1, sum(counter.values())) for v, c in sorted(counter.items())} for k, counter in out.items()}
+
+
+def total_variation(a: dict[str, float], b: dict[str, float]) -> float:
+    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+def tilted_estimate(values: Tensor, beta: float) -> tuple[float, float]:
+    """Self-normalised importance estimate of E_p*[r] from base samples' rewards, and its ESS."""
+    w = torch.softmax(values.double() / beta, 0)
+    return float((w * values.double()).sum()), float(1.0 / (w ** 2).sum())
+
+
+def measure(results: Sequence[RowResult], settings: DemoSettings) -> list[dict[str, Any]]:
+    """One record per (model, prompt, method)."""
+    from ..rewards import get_reward
+    from ..world.rewards import attribute_fidelity
+
+    proxy, gold, binary = get_reward(TARGET_REWARD), get_reward(GOLD_REWARD), get_reward(BINARY_REWARD)
+    n, prompts = settings.n, list(settings.prompts)
+    base_by_model = {r.model: r for r in results if r.method == "unguided"}
+    cache: dict[tuple[str, str], dict[str, Any]] = {}
+    records = []
+    for row in results:
+        base = base_by_model[row.model]
+        ratio, unreliable = wall_ratio(row, base)
+        for p, prompt in enumerate(prompts):
+            images = row.images[p * n:(p + 1) * n]
+            with torch.no_grad():
+                values = {"proxy": proxy(images, prompt).float(), "gold": gold(images, prompt).float(),
+                          "binary": binary(images, prompt).float()}
+            fid = attribute_fidelity(images, [prompt] * n)
+            rec = {"model": row.model, "method": row.method, "prompt": prompt, "n": n,
+                   "beta": row.beta, "proxy": float(values["proxy"].mean()), "gold": float(values["gold"].mean()),
+                   "fidelity": fid["fidelity"], "fidelity_per_attribute": fid["per_attribute"],
+                   "binary": float(values["binary"].mean()), "diversity": diversity(images),
+                   "proxy_std": float(values["proxy"].std()) if n > 1 else None,
+                   "gold_std": float(values["gold"].std()) if n > 1 else None,
+                   "model_evals": row.model_evals, "backward_through_generator": row.backward,
+                   "wall_ratio": ratio, "wall_ratio_unreliable": unreliable, "wall_s": min(row.walls),
+                   "histograms": histograms(fid["readings"]), **row.extra}
+            cache[(row.model, row.method, prompt)] = {**rec, "_proxy": values["proxy"]}  # type: ignore[index]
+            records.append(rec)
+    for rec in records:
+        base = cache[(rec["model"], "unguided", rec["prompt"])]  # type: ignore[index]
+        rec["base_gold_std"] = base["gold_std"]
+        rec["base_proxy_std"] = base["proxy_std"]
+        for key in ("proxy", "gold", "binary"):
+            rec[f"{key}_gain"] = rec[key] - base[key]
+        for key in ("proxy", "gold"):
+            std = base[f"{key}_std"]
+            rec[f"{key}_gain_std"] = rec[f"{key}_gain"] / std if std else None
+        rec["fidelity_change"] = None if rec["fidelity"] is None else rec["fidelity"] - base["fidelity"]
+        rec["moved"] = {k: total_variation(rec["histograms"][k], base["histograms"][k]) for k in HISTOGRAMS
+                        if total_variation(rec["histograms"][k], base["histograms"][k]) >= MOVED_TV}
+        if rec["method"] == "unguided":
+            est, ess = tilted_estimate(base["_proxy"], settings.beta)
+            rec["proxy_exact_tilt_estimate"], rec["proxy_exact_tilt_ess"] = est, ess
+    return records
+
+
+def summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, method), averaged over prompts: gains in base within-prompt standard deviations."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["method"]) for r in records):
+        rows = [r for r in records if (r["model"], r["method"]) == key]
+        mean = lambda k: (sum(r[k] for r in rows if r[k] is not None) / max(1, sum(r[k] is not None for r in rows))  # noqa: E731
+                          if any(r[k] is not None for r in rows) else None)
+        out.append({"model": key[0], "method": key[1], "proxy": mean("proxy"), "gold": mean("gold"),
+                    "proxy_gain_std": mean("proxy_gain_std"), "gold_gain_std": mean("gold_gain_std"),
+                    "fidelity": mean("fidelity"), "fidelity_change": mean("fidelity_change"),
+                    "binary": mean("binary"), "diversity": mean("diversity"), "model_evals": rows[0]["model_evals"],
+                    "wall_ratio": rows[0]["wall_ratio"], "wall_ratio_unreliable": rows[0]["wall_ratio_unreliable"],
+                    "reward_hacking": bool(mean("proxy_gain_std") and mean("proxy_gain_std") > 0
+                                           and (mean("gold_gain_std") or 0) < 0)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.{digits}f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
+    lines = ["| " + " | ".join(headers or columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) if c != "prompt" else repr(r[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _moved_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    base = {(r["model"], r["prompt"]): r for r in records if r["method"] == "unguided"}
+    for r in records:
+        if r["method"] == "unguided" or not r["moved"]:
+            continue
+        b = base[(r["model"], r["prompt"])]
+        for attr, tv in sorted(r["moved"].items(), key=lambda kv: -kv[1]):
+            values = sorted(set(r["histograms"][attr]) | set(b["histograms"][attr]))
+            change = ", ".join(f"{v} {100 * b['histograms'][attr].get(v, 0):.0f}→{100 * r['histograms'][attr].get(v, 0):.0f}%"
+                               for v in values)
+            lines.append(f"* {r['model']} {r['method']}, {r['prompt']!r}: **{attr}** (TV {tv:.2f}): {change}")
+    return lines
+
+
+def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Path, wall_total: float
+                  ) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    records = measure(results, settings)
+    summ = summary(records)
+    paths = {"json": out / "results.json", "md": out / "results.md", "grid": out / "grid.png"}
+    paths["json"].write_text(json.dumps({"settings": {"prompts": list(settings.prompts), "n": settings.n,
+                                                      "beta": settings.beta, "seed": settings.seed,
+                                                      "prompt_set": settings.prompt_set,
+                                                      "timing_repeats": settings.timing_repeats},
+                                         "records": records, "summary": summ, "wall_s": wall_total}, indent=2))
+    base_rows = [r for r in records if r["method"] == "unguided"]
+    flagged = [s for s in summ if s["wall_ratio_unreliable"]]
+    hacks = [s for s in summ if s["reward_hacking"]]
+    parts = [
+        f"# tiltgen demo ({settings.prompt_set} prompts)\n",
+        f"Target reward `{TARGET_REWARD}` (the learned proxy preference) at beta = {settings.beta:g} (learned "
+        f"networks tilt at the beta they were trained for); held-out `{GOLD_REWARD}`; {settings.n} images per "
+        f"prompt, seeds {settings.seed}..{settings.seed + settings.n - 1} in every row; {wall_total:.0f} s in all. "
+        "The guidance networks never saw these prompts.\n",
+        "## Effect sizes (mean over prompts)\n",
+        "Gains are over the same model's unguided samples, in units of the base model's within-prompt standard "
+        "deviation of that reward; fidelity = fraction of the attributes a prompt specifies that the attribute "
+        "classifier reads back (prompts that specify nothing are left out); binary = GenEval-like success "
+        "(number of shapes and colours); model_evals = network evaluations per image (CFG counts 2; Tweedie also "
+        "back-propagates through each); wall_ratio = sampling wall time / the same model's unguided sampling "
+        f"(fastest of {settings.timing_repeats} interleaved repeats; `unreliable` marks ratios that timing noise "
+        "decided).\n",
+        table(summ, ("model", "method", "proxy", "gold", "proxy_gain_std", "gold_gain_std", "fidelity",
+                     "fidelity_change", "binary", "diversity", "model_evals", "wall_ratio", "wall_ratio_unreliable",
+                     "reward_hacking"),
+              ("model", "method", "proxy", "gold", "proxy gain (std)", "gold gain (std)", "fidelity",
+               "fidelity change", "binary", "diversity", "model evals", "wall ratio", "wall ratio unreliable",
+               "proxy up, gold down")) + "\n",
+    ]
+    if flagged:
+        parts.append("Unreliable wall ratios: " + "; ".join(f"{s['model']} {s['method']}: "
+                                                         f"{s['wall_ratio_unreliable']}" for s in flagged) + ".\n")
+    if hacks:
+        parts.append("Reward hacking (proxy up, gold down): " + ", ".join(f"{s['model']} {s['method']}"
+                                                                        for s in hacks) + ".\n")
+    parts += ["## Base models: within-prompt spread\n",
+              table(base_rows, ("model", "prompt", "gold", "gold_std", "proxy", "proxy_std",
+                                "proxy_exact_tilt_estimate", "proxy_exact_tilt_ess"),
+                    ("model", "prompt", "gold", "gold std", "proxy", "proxy std",
+                     f"proxy under the exact tilt (importance estimate, beta {settings.beta:g})", "its ESS")) + "\n",
+              "## Every (model, prompt, method)\n",
+              table(records, ("model", "prompt", "method", "proxy", "gold", "fidelity", "binary", "diversity",
+                              "proxy_gain_std", "gold_gain_std", "model_evals", "wall_ratio")) + "\n",
+              "## Attribute histograms that moved\n",
+              f"Attributes whose histogram (as the classifier reads the images) moved by a total-variation distance "
+              f">= {MOVED_TV} from unguided sampling of the same prompt:\n",
+              "\n".join(_moved_lines(records)) or "(none)", ""]
+    paths["md"].write_text("\n".join(parts))
+    plot_grid(results, settings, paths["grid"])
+    return paths
+
+
+def plot_grid(results: Sequence[RowResult], settings: DemoSettings, path: Path, per_prompt: int = 4) -> Path:
+    """Rows = (model, method); columns = the first ``per_prompt`` seeds of each prompt (same
+    seed in every row of a column, so each column shows what the methods did to one sample)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = min(per_prompt, settings.n)
+    cols = len(settings.prompts) * k
+    fig, axes = plt.subplots(len(results), cols, figsize=(0.85 * cols + 1.6, 0.9 * len(results) + 0.6),
+                             squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.08})
+    for i, row in enumerate(results):
+        for p, prompt in enumerate(settings.prompts):
+            for j in range(k):
+                ax = axes[i, p * k + j]
+                ax.imshow(row.images[p * settings.n + j].permute(1, 2, 0).clamp(0, 1).numpy(),
+                          interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0 and j == 0:
+                    ax.set_title(repr(prompt), fontsize=7, loc="left")
+        label = row.method if row.method != "bestofn" else f"best-of-{row.extra.get('best_of')}"
+        axes[i, 0].set_ylabel(f"{row.model}\n{label}", fontsize=7, rotation=0, ha="right", va="center")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def fresh_output_dir(base: str = "tiltgen-demo") -> Path:
+    """A new folder in the working directory, named by date and time (suffixed if it exists)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(f"{base}-{stamp}")
+    i = 1
+    while path.exists():
+        path = Path(f"{base}-{stamp}-{i}")
+        i += 1
+    return path
