@@ -129,6 +129,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
+        if value.is_integer() and abs(value) >= 1:
+            return str(int(value))
         return f"{value:.{digits}f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
 

@@ -3,7 +3,7 @@
 It scores what captions usually leave free, so two images of one under-specified prompt can
 differ a lot in gold (docs/world-rewards.md):
 
-    gold = 0.35 contrast + 0.30 balance + 0.20 prominence + 0.15 colourfulness      in [0, 1]
+    gold = clean * (0.35 contrast + 0.30 balance + 0.20 prominence + 0.15 colourfulness)   in [0, 1]
 
 * contrast: mean |luma(shape) - luma(background)| over the foreground, tanh(./0.3). Bright
   shapes on dark backgrounds score high; the prior prefers low-contrast pairs, so the best
@@ -13,6 +13,9 @@ differ a lot in gold (docs/world-rewards.md):
 * prominence: the foreground's area fraction a, tanh(a / 0.09): large shapes, two shapes.
 * colourfulness: Hasler & Suesstrunk's M of the (slightly blurred) image, tanh(M / 0.35):
   saturated colours, complementary pairs.
+* clean: exp(-(e / 0.08)^2), e = the RMS residual of the background pixels around the
+  background plane: 1 for a plain background, ~0.8 for a textured one, ~0 for noise, blotches
+  and artefacts (so a cluttered image is not "vivid", it is bad).
 
 The foreground is found from the image alone: the background is the least-squares plane
 through the one-pixel border (so gradients are background), and a pixel's foreground weight
@@ -36,6 +39,7 @@ BALANCE_SIGMA = 0.12
 PROMINENCE_SCALE = 0.09
 COLOURFULNESS_SCALE = 0.35
 FOREGROUND_DIST = (0.15, 0.35)
+CLEAN_SCALE = 0.08
 
 
 def check_images(x0: Any, name: str) -> Tensor:
@@ -96,7 +100,8 @@ def colourfulness(x: Tensor) -> Tensor:
 
 
 def gold_terms(x0: Tensor) -> dict[str, Tensor]:
-    """The four gold terms of images [N, 3, H, W] in [0, 1], each [N] in [0, 1]."""
+    """The gold's terms of images [N, 3, H, W] in [0, 1], each [N] in [0, 1]: the four weighted
+    ones and the ``clean`` factor."""
     x = check_images(x0, "world-gold")
     x = x.to(compute_dtype(x)).clamp(0, 1)
     w, bg = foreground(x)
@@ -112,10 +117,15 @@ def gold_terms(x0: Tensor) -> dict[str, Tensor]:
     prominence = torch.tanh(mass / (h * wd) / PROMINENCE_SCALE)
     blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     colour = torch.tanh(colourfulness(blurred) / COLOURFULNESS_SCALE)
-    return {"contrast": contrast, "balance": balance, "prominence": prominence, "colourfulness": colour}
+    background = 1 - w
+    residual = ((x - bg) ** 2).mean(1)
+    rms = ((background * residual).sum(dim=(1, 2)) / (background.sum(dim=(1, 2)) + 1) + 1e-8).sqrt()
+    clean = torch.exp(-(rms / CLEAN_SCALE) ** 2)
+    return {"contrast": contrast, "balance": balance, "prominence": prominence, "colourfulness": colour,
+            "clean": clean}
 
 
 def gold_reward(x0: Tensor) -> Tensor:
     """Gold preference [N] in [0, 1] (module docstring). Differentiable."""
     terms = gold_terms(x0)
-    return sum(GOLD_WEIGHTS[k] * v for k, v in terms.items()).to(x0.dtype)
+    return (terms["clean"] * sum(GOLD_WEIGHTS[k] * terms[k] for k in GOLD_WEIGHTS)).to(x0.dtype)

@@ -117,6 +117,11 @@ def load_pipeline(name_or_path: str | os.PathLike, *, torch_dtype: Any = None, c
         absent = spec is None or (isinstance(spec, (list, tuple)) and spec and spec[0] is None)
         if name != "self" and absent and param.default in (inspect.Parameter.empty, None):
             kwargs[name] = None
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # per-component loading bars: noise before every run
+    transformers_logging.disable_progress_bar()
     try:
         pipe = cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as error:

@@ -3,7 +3,9 @@
     python -m tiltgen.builtin.recipes.classifier --out src/tiltgen/builtin/weights/attribute-classifier --seed 0
 
 Data: world images of every (shape, colour) pair, held-out pairs included (the judge must
-read what the models were never shown), with light augmentation (blur, gain, noise).
+read what the models were never shown), with light augmentation (blur, gain, noise) and,
+with ``--vae`` and ``--vae-fraction``, that share of the images passed through the
+autoencoder (generated images are decoded latents, softer than rendered ones).
 Loss: background cross-entropy + per-slot occupancy BCE + per-slot shape/colour/size
 cross-entropy on occupied slots. Held-out accuracy is measured on clean images, blurred and
 noisy ones, and (with ``--vae``) on the autoencoder's reconstructions, which look like
@@ -25,7 +27,7 @@ from ...world import Labels, satisfied, full_spec
 from ...world.fidelity import probabilities, read_images
 from ...world.nets import CLASSIFIER_KIND, IMAGE_SIZE, AttributeClassifier, num_parameters, save_network
 from .augment import augment, blur
-from .common import Trainer, as_float, base_parser, finish, setup, world_bank, write_readme
+from .common import Trainer, as_float, base_parser, cached, finish, setup, world_bank, write_readme
 
 
 def classifier_loss(logits: dict[str, Tensor], labels: Labels) -> Tensor:
@@ -65,12 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("python -m tiltgen.builtin.recipes.classifier", __doc__, steps=4000, batch_size=128,
                          lr=2e-3)
     parser.add_argument("--data", type=int, default=80000, help="training images")
-    parser.add_argument("--vae", help="an AutoencoderKL folder: also report accuracy on its reconstructions")
+    parser.add_argument("--vae", help="an AutoencoderKL folder: report accuracy on its reconstructions")
+    parser.add_argument("--vae-fraction", type=float, default=0.0,
+                        help="with --vae: fraction of training images replaced by their reconstructions")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     work = setup(args)
     bank = world_bank(args.data, seed=args.seed + 31, exclude_held_out=False)
     images, labels = bank["images"], Labels.from_scenes(bank["scenes"])
+    recon = None
+    if args.vae and args.vae_fraction > 0:
+        recon = cached("vae-reconstructions", {"vae": args.vae, "mtime": Path(args.vae).stat().st_mtime,
+                                               "n": args.data, "seed": args.seed + 31},
+                       lambda: (_vae_roundtrip(args.vae, as_float(images)) * 255).round().to(torch.uint8))
     model = AttributeClassifier()
     trainer = Trainer({"classifier": model}, args, ema_decay=0.995)
 
@@ -78,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         idx = torch.randint(0, images.shape[0], (args.batch_size,), generator=g)
         sub = Labels(tuple(), labels.occupied[idx], labels.shape[idx], labels.colour[idx], labels.size[idx],
                      labels.background[idx], labels.count[idx])
-        return classifier_loss(model(augment(as_float(images[idx]), g)), sub)
+        x = images[idx]
+        if recon is not None:
+            use = torch.rand(len(idx), generator=g) < args.vae_fraction
+            x = torch.where(use.view(-1, 1, 1, 1), recon[idx], x)
+        return classifier_loss(model(augment(as_float(x), g)), sub)
 
     try:
         trainer.run(loss_at, work, "train attribute classifier")

@@ -1,0 +1,75 @@
+"""The recipes' shared training loop: an interrupted run resumes exactly, a changed configuration
+is refused with the differing keys named; the caption and cache helpers are deterministic."""
+
+import argparse
+
+import pytest
+import torch
+
+from tiltgen.builtin.recipes.common import CHECKPOINT, Trainer, cached, differing_keys
+from tiltgen.builtin.recipes.latents import training_captions
+from tiltgen.errors import TiltgenError
+from tiltgen.world import parse_caption, sample_item
+
+
+def _args(**kw):
+    base = dict(out="x", steps=6, batch_size=4, lr=1e-2, seed=0, threads=0, checkpoint_every=2, resume=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _loss(module):
+    def loss_at(step, g):
+        x = torch.randn(4, 3, generator=g)
+        return (module(x) - x.sum(1, keepdim=True)).pow(2).mean()
+    return loss_at
+
+
+def _trainer(args):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 1)
+    return Trainer({"m": module}, args), module
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    full, module = _trainer(_args())
+    (tmp_path / "a").mkdir()
+    full.run(_loss(module), tmp_path / "a", "full")
+
+    first, m1 = _trainer(_args(steps=6))
+    work = tmp_path / "b"
+    work.mkdir()
+    def interrupting(step, g):
+        if step == 4:
+            raise KeyboardInterrupt
+        return _loss(m1)(step, g)
+
+    with pytest.raises(KeyboardInterrupt):
+        first.run(interrupting, work, "interrupted")
+    assert (work / CHECKPOINT).is_file()
+    second, m2 = _trainer(_args(resume=True))
+    second.run(_loss(m2), work, "resumed")
+    assert second.step == 6 and len(second.losses) == 6
+    assert torch.allclose(m2.weight, module.weight) and torch.allclose(second.ema["m"].weight, full.ema["m"].weight)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    trainer, module = _trainer(_args(steps=2))
+    trainer.run(_loss(module), tmp_path, "short")
+    other, m = _trainer(_args(steps=2, lr=0.5, resume=True))
+    with pytest.raises(TiltgenError, match="lr"):
+        other.run(_loss(m), tmp_path, "other")
+    assert differing_keys({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == ["b", "c"]
+
+
+def test_training_captions_and_cache(tmp_path, monkeypatch):
+    scenes = [sample_item(0, i)[0] for i in range(50)]
+    a, b = training_captions(scenes, 0, 3), training_captions(scenes, 0, 3)
+    assert a == b and a != training_captions(scenes, 0, 4)
+    for text in a:
+        parse_caption(text)
+    monkeypatch.setenv("TILTGEN_RECIPE_CACHE", str(tmp_path))
+    calls = []
+    build = lambda: calls.append(1) or {"x": torch.arange(3)}  # noqa: E731
+    assert torch.equal(cached("t", {"k": 1}, build)["x"], cached("t", {"k": 1}, build)["x"])
+    assert len(calls) == 1
