@@ -113,3 +113,14 @@ def test_every_world_word_is_one_token():
     assert word_merges(["ab", "abc", "bc"])                   # the merge search terminates on overlapping words
     shipped = json.loads((builtin_path("world-diffusion") / "tokenizer" / "tokenizer.json").read_text())
     assert shipped["model"]["vocab"] == json.loads(clip.backend_tokenizer.to_str())["model"]["vocab"]
+
+
+def test_sample_command_with_learned_guidance_on_a_builtin(tmp_path):
+    out = tmp_path / "s"
+    assert cli(["sample", "--model", "builtin:world-onestep", "--prompt", "a red shape", "--prompt", "two shapes",
+                "--method", "learned", "--guidance", "builtin:guidance-onestep-proxy",
+                "--eval-reward", "world-gold,world-fidelity,world-binary", "--n", "2", "--out", str(out)]) == 0
+    record = json.loads((out / "sample.json").read_text())
+    assert record["steps"] == 1 and len(record["samples"]) == 4
+    assert set(record["samples"][0]["terms"]) == {"eval:world-gold", "eval:world-fidelity", "eval:world-binary"}
+    assert len(list(out.glob("*.png"))) == 4

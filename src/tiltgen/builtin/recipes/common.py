@@ -30,6 +30,7 @@ from ...errors import TiltgenError
 
 CHECKPOINT = "checkpoint.pt"
 CACHE_ENV = "TILTGEN_RECIPE_CACHE"
+_STARTED: list[float] = []  # when this process's recipe started (for the README's total time)
 
 
 def base_parser(prog: str, doc: str, steps: int, batch_size: int, lr: float) -> argparse.ArgumentParser:
@@ -48,6 +49,7 @@ def base_parser(prog: str, doc: str, steps: int, batch_size: int, lr: float) -> 
 
 def setup(args: argparse.Namespace) -> Path:
     """Threads, seeds and the work folder of a run; returns the work folder."""
+    _STARTED.append(time.perf_counter())
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -207,9 +209,11 @@ def as_float(images: Tensor) -> Tensor:
 
 def write_readme(out: Path, title: str, what: str, command: Sequence[str], details: str) -> None:
     """The folder's README: what it is, the exact command and seed that reproduce it, how it went."""
+    total = f" Total recipe wall time {(time.perf_counter() - _STARTED[0]) / 60:.1f} min (data preparation " \
+            "included; cached data makes reruns faster)." if _STARTED else ""
     (out / "README.md").write_text(
         f"# {title}\n\n{what}\n\nReproduce (2 CPU cores, torch 2.13.0 CPU):\n\n"
-        f"```bash\npython -m {' '.join(command)}\n```\n\n{details}\n")
+        f"```bash\npython -m {' '.join(command)}\n```\n\n{details}{total}\n")
 
 
 def finish(work: Path) -> None:

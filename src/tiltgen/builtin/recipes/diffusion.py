@@ -4,10 +4,15 @@ text encoder over the world's words, UNet on 8x8x4 latents, the world VAE, DDIM)
     python -m tiltgen.builtin.recipes.diffusion --vae runs/world-vae --out src/tiltgen/builtin/weights/world-diffusion --seed 0
 
 The UNet and the text encoder are trained together from scratch by denoising score matching
-with v-prediction on the cosine schedule (min-SNR-5 weighting, Hang et al. 2023), on VAE
+with v-prediction on the cosine schedule, unweighted MSE on v over uniform timesteps, on VAE
 latents of world images (held-out (shape, colour) pairs excluded) with a fresh training
 caption per image and step: attributes dropped at random, the empty caption 10% of the time,
 so classifier-free guidance works. The EMA of the weights is saved.
+
+Why unweighted: where a shape goes is decided at high noise, where the input carries almost no
+signal and only the prompt says "on the left". Min-SNR weighting (Hang et al. 2023) gives those
+steps weight ~SNR ~ 0; a model trained with it learned shape, colour, size and background
+but placed shapes regardless of the position words (held-out position fidelity 0.19).
 """
 
 from __future__ import annotations
@@ -35,12 +40,6 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> Tensor:
     return text_encoder(ids)[0]
 
 
-def v_loss(prediction: Tensor, target: Tensor, snr: Tensor, gamma: float = 5.0) -> Tensor:
-    """Min-SNR-gamma weighted MSE for v-prediction: weight min(snr, gamma) / (snr + 1)."""
-    weight = torch.clamp(snr, max=gamma) / (snr + 1)
-    return (weight.view(-1, 1, 1, 1) * (prediction - target) ** 2).mean()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("python -m tiltgen.builtin.recipes.diffusion", __doc__, steps=6000, batch_size=128,
                          lr=1e-3)
@@ -59,7 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     text_encoder = CLIPTextModel(clip_text_config(len(tokenizer), SD_TEXT_DIM))
     unet = UNet2DConditionModel(**sd_unet_config())
     scheduler = sd_scheduler()
-    alphas = scheduler.alphas_cumprod.float()
     trainer = Trainer({"unet": unet, "text_encoder": text_encoder}, args)
     n = bank["mean"].shape[0]
 
@@ -72,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         z_t = scheduler.add_noise(z, eps, k)
         target = scheduler.get_velocity(z, eps, k)
         pred = unet(z_t, k, encoder_hidden_states=encode_prompts(tokenizer, text_encoder, prompts)).sample
-        return v_loss(pred, target, alphas[k] / (1 - alphas[k]))
+        return (pred - target).pow(2).mean()
 
     try:
         trainer.run(loss_at, work, "train diffusion UNet + text encoder")
