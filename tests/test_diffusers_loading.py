@@ -72,7 +72,7 @@ def test_incomplete_folder_names_the_missing_weights(tmp_path):
     tiny.tiny_sd().save_pretrained(tmp_path / "pipe")
     for f in (tmp_path / "pipe" / "unet").glob("*.safetensors"):
         f.unlink()
-    with pytest.raises(TiltgenError, match=r"missing: unet/\*\.safetensors"):
+    with pytest.raises(TiltgenError, match=r"missing component\(s\): unet/\*\.safetensors"):
         load_pipeline(tmp_path / "pipe")
     import shutil
 

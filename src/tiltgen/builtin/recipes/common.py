@@ -209,8 +209,10 @@ def as_float(images: Tensor) -> Tensor:
 
 def write_readme(out: Path, title: str, what: str, command: Sequence[str], details: str) -> None:
     """The folder's README: what it is, the exact command and seed that reproduce it, how it went."""
-    total = f" Total recipe wall time {(time.perf_counter() - _STARTED[0]) / 60:.1f} min (data preparation " \
-            "included; cached data makes reruns faster)." if _STARTED else ""
+    # training wall time accumulates over resumes; this is only the last invocation's
+    total = f" Wall time of the invocation that finished the run {(time.perf_counter() - _STARTED[0]) / 60:.1f} " \
+            "min (data preparation included unless cached; a resumed run counts only its own part)." \
+        if _STARTED else ""
     (out / "README.md").write_text(
         f"# {title}\n\n{what}\n\nReproduce (2 CPU cores, torch 2.13.0 CPU):\n\n"
         f"```bash\npython -m {' '.join(command)}\n```\n\n{details}{total}\n")
