@@ -88,6 +88,23 @@ def test_guidance_for_another_base_model_is_refused(backends):
     assert estimator.tilts_input and beta > 0
 
 
+def test_shipped_guidance_accepts_its_base_model_from_any_folder(backends, tmp_path):
+    """The fingerprint ignores where a folder lies: a fresh clone or a copied folder still
+    matches the fingerprints recorded in the shipped guidance networks."""
+    from tiltgen.backends.diffusers import DiffusersBackend
+    from tiltgen.eval.estimators import build_estimator
+
+    shutil.copytree(builtin_path("world-diffusion"), tmp_path / "copy")
+    copied = DiffusersBackend.from_pretrained(str(tmp_path / "copy"))
+    assert copied.fingerprint() == backends["world-diffusion"].fingerprint()
+    for name, guidance in [("world-diffusion", "guidance-diffusion-proxy"), ("world-diffusion", "guidance-diffusion-binary"),
+                           ("world-onestep", "guidance-onestep-proxy")]:
+        recorded = json.loads((builtin_path(guidance) / "guidance.json").read_text())["base_model"]["fingerprint"]
+        assert recorded == backends[name].fingerprint(), guidance
+    estimator, _ = build_estimator(copied.at(), "learned", None, None, guidance="builtin:guidance-diffusion-proxy")
+    assert estimator is not None
+
+
 def test_catalog_lists_every_artefact_within_the_size_budget(capsys):
     rows = {r["name"]: r for r in catalog()}
     for name, pipeline in GENERATORS.items():

@@ -169,13 +169,16 @@ class DiffusersBackend:
 
     def fingerprint(self) -> str:
         """A short hash of the denoiser's config and weights: which base model a guidance network
-        belongs to. Each tensor contributes its name, shape and up to 4096 evenly spaced values,
+        belongs to, wherever its folder lies. Each tensor contributes its name, shape and up to 4096 evenly spaced values,
         so hashing a real checkpoint takes well under a second."""
         import hashlib
         import json as _json
 
         if getattr(self, "_fingerprint", None) is None:
-            h = hashlib.sha256(_json.dumps(dict(self.denoiser.config), sort_keys=True, default=str).encode())
+            # "_name_or_path" (where it was loaded from) and "_diffusers_version" say nothing about
+            # the model: a copied or reinstalled folder must keep its fingerprint
+            config = {k: v for k, v in dict(self.denoiser.config).items() if not k.startswith("_")}
+            h = hashlib.sha256(_json.dumps(config, sort_keys=True, default=str).encode())
             for key, value in sorted(self.denoiser.state_dict().items()):
                 flat = value.detach().reshape(-1)
                 sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float32).cpu()
