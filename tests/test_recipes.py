@@ -73,3 +73,14 @@ def test_training_captions_and_cache(tmp_path, monkeypatch):
     build = lambda: calls.append(1) or {"x": torch.arange(3)}  # noqa: E731
     assert torch.equal(cached("t", {"k": 1}, build)["x"], cached("t", {"k": 1}, build)["x"])
     assert len(calls) == 1
+
+
+def test_weights_fingerprint_follows_the_weights():
+    from tiltgen.builtin.recipes.common import weights_fingerprint
+
+    _, a = _trainer(_args())
+    _, b = _trainer(_args())
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.weight[0, 0] += 1e-3
+    assert weights_fingerprint(a) != weights_fingerprint(b)

@@ -169,8 +169,8 @@ class DiffusersBackend:
 
     def fingerprint(self) -> str:
         """A short hash of the denoiser's config and weights: which base model a guidance network
-        belongs to, wherever its folder lies. Each tensor contributes its name, shape and up to 4096 evenly spaced values,
-        so hashing a real checkpoint takes well under a second."""
+        belongs to, wherever its folder lies. Each tensor contributes its name, shape and up to
+        4096 evenly spaced values, so hashing a real checkpoint takes well under a second."""
         import hashlib
         import json as _json
 

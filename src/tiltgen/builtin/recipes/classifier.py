@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,9 @@ from ...world import Labels, satisfied, full_spec
 from ...world.fidelity import probabilities, read_images
 from ...world.nets import CLASSIFIER_KIND, IMAGE_SIZE, AttributeClassifier, num_parameters, save_network
 from .augment import augment, blur
-from .common import Trainer, as_float, base_parser, cached, finish, setup, world_bank, write_readme
+from .common import (Trainer, as_float, base_parser, cached, finish, setup, weights_fingerprint, world_bank,
+                     write_readme)
+from .pipelines import load_vae
 
 
 def classifier_loss(logits: dict[str, Tensor], labels: Labels) -> Tensor:
@@ -51,10 +53,8 @@ def reading_accuracy(model: AttributeClassifier, images: Tensor, labels: Labels,
     return out
 
 
-def _vae_roundtrip(vae_path: str, images: Tensor) -> Tensor:
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).eval()
+def _vae_roundtrip(vae: Any, images: Tensor) -> Tensor:
+    """``images`` [N, 3, 32, 32] in [0, 1] encoded (posterior mean) and decoded by ``vae``."""
     out = []
     with torch.no_grad():
         for chunk in images.split(512):
@@ -75,11 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = setup(args)
     bank = world_bank(args.data, seed=args.seed + 31, exclude_held_out=False)
     images, labels = bank["images"], Labels.from_scenes(bank["scenes"])
+    vae = load_vae(args.vae) if args.vae else None
     recon = None
-    if args.vae and args.vae_fraction > 0:
-        recon = cached("vae-reconstructions", {"vae": args.vae, "mtime": Path(args.vae).stat().st_mtime,
-                                               "n": args.data, "seed": args.seed + 31},
-                       lambda: (_vae_roundtrip(args.vae, as_float(images)) * 255).round().to(torch.uint8))
+    if vae is not None and args.vae_fraction > 0:
+        recon = cached("vae-reconstructions", {"vae": weights_fingerprint(vae), "n": args.data, "seed": args.seed + 31},
+                       lambda: (_vae_roundtrip(vae, as_float(images)) * 255).round().to(torch.uint8))
     model = AttributeClassifier()
     trainer = Trainer({"classifier": model}, args, ema_decay=0.995)
 
@@ -104,8 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = {"clean": reading_accuracy(ema, x, held_labels), "blurred": reading_accuracy(ema, blur(x), held_labels),
                "noise 0.05": reading_accuracy(ema, (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1),
                                               held_labels)}
-    if args.vae:
-        metrics["vae reconstruction"] = reading_accuracy(ema, _vae_roundtrip(args.vae, x), held_labels)
+    if vae is not None:
+        metrics["vae reconstruction"] = reading_accuracy(ema, _vae_roundtrip(vae, x), held_labels)
     config = {"kind": CLASSIFIER_KIND, "image_size": IMAGE_SIZE, "architecture": ema.config(),
               "num_parameters": num_parameters(ema),
               "training": {"seed": args.seed, "steps": trainer.step, "batch_size": args.batch_size, "lr": args.lr,

@@ -49,7 +49,7 @@ def base_parser(prog: str, doc: str, steps: int, batch_size: int, lr: float) -> 
 
 def setup(args: argparse.Namespace) -> Path:
     """Threads, seeds and the work folder of a run; returns the work folder."""
-    _STARTED.append(time.perf_counter())
+    _STARTED[:] = [time.perf_counter()]  # one recipe per setup, even when a process runs several
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -170,6 +170,16 @@ def save_atomic(obj: Any, path: Path) -> None:
 def cache_dir() -> Path:
     """Where recipes keep data they can rebuild (rendered banks, encoded latents, teacher pairs)."""
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "tiltgen-recipes"))
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short hash of every parameter and buffer of ``module``: a cache key that follows the
+    weights, not the folder they were loaded from."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def cached(name: str, key: dict[str, Any], build: Callable[[], dict[str, Any]]) -> dict[str, Any]:

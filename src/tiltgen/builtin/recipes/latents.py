@@ -3,7 +3,6 @@ scenes, and training captions drawn afresh every step."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -12,15 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...world import Scene, partial_caption
-from .common import as_float, cached, world_bank
-
-
-def _fingerprint(vae: Any) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(vae.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+from .common import as_float, cached, weights_fingerprint, world_bank
 
 
 def latent_bank(vae: Any, n: int, seed: int, chunk: int = 1024) -> dict[str, Any]:
@@ -36,7 +27,7 @@ def latent_bank(vae: Any, n: int, seed: int, chunk: int = 1024) -> dict[str, Any
                 stds.append(dist.std)
         return {"mean": torch.cat(means), "std": torch.cat(stds), "scenes": bank["scenes"]}
 
-    return cached("latent-bank", {"n": n, "seed": seed, "vae": _fingerprint(vae), "version": 1}, build)
+    return cached("latent-bank", {"n": n, "seed": seed, "vae": weights_fingerprint(vae), "version": 1}, build)
 
 
 def sample_latents(bank: dict[str, Any], idx: Tensor, scale: float, g: torch.Generator) -> Tensor:

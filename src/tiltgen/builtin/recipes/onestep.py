@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...builtin import read_info, resolve_weights
-from .common import Trainer, base_parser, cached, finish, setup, world_bank, write_readme
+from .common import Trainer, base_parser, cached, finish, setup, weights_fingerprint, world_bank, write_readme
 from .diffusion import encode_prompts
 from .latents import training_captions
 from .pipelines import save_sd_pipeline, write_info
@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     teacher.set_progress_bar_config(disable=True)
     cfg = float(read_info(folder).get("default_cfg", 3.0))
     tick = time.perf_counter()
-    pairs = cached("teacher-pairs", {"teacher": str(folder.resolve()), "mtime": (folder / "unet").stat().st_mtime,
+    pairs = cached("teacher-pairs", {"unet": weights_fingerprint(teacher.unet),
+                                     "text_encoder": weights_fingerprint(teacher.text_encoder),
                                      "n": args.pairs, "steps": args.teacher_steps, "cfg": cfg, "seed": args.seed},
                    lambda: teacher_pairs(teacher, args.pairs, args.teacher_steps, cfg, args.seed + 51))
     teacher_wall = time.perf_counter() - tick
