@@ -88,6 +88,18 @@ def test_guidance_for_another_base_model_is_refused(backends):
     assert estimator.tilts_input and beta > 0
 
 
+def test_model_folder_recommends_its_training_free_variant(backends):
+    from tiltgen.eval.estimators import build_estimator
+    from tiltgen.rewards import reward_from_spec
+
+    reward = reward_from_spec("world-proxy")
+    flow, diffusion = backends["world-flow"].at(), backends["world-diffusion"].at()
+    assert flow.info["trainingfree_variant"] == "linear"
+    assert build_estimator(flow, "trainingfree", reward, 0.05)[0].variant == "linear"
+    assert build_estimator(flow, "trainingfree", reward, 0.05, variant="bounded")[0].variant == "bounded"
+    assert build_estimator(diffusion, "trainingfree", reward, 0.05)[0].variant == "bounded"  # no recommendation
+
+
 def test_shipped_guidance_accepts_its_base_model_from_any_folder(backends, tmp_path):
     """The fingerprint ignores where a folder lies: a fresh clone or a copied folder still
     matches the fingerprints recorded in the shipped guidance networks."""

@@ -182,6 +182,108 @@ def test_interrupted_training_resumes_to_the_same_final_loss(tmp_path, interrupt
     assert resumed.record["train_model_evals"] == full.record["train_model_evals"]
 
 
+def test_fresh_noise_with_validation_keeps_the_best_weights_and_resumes(tmp_path):
+    model, fam = ring_model("flow")
+    config = small_config(steps=40, checkpoint_every=10, n_data=300, fresh_noise=True, eta=0.0, val_fraction=0.25)
+    full = train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), out_dir=tmp_path / "full",
+                          progress=False)
+    curve = full.record["held_out_curve"]
+    assert [step for step, _ in curve] == [10, 20, 30, 40]
+    best_step, best = min(curve, key=lambda item: item[1])
+    assert full.record["best_step"] == best_step and full.record["held_out_loss"] == pytest.approx(best)
+    assert full.record["pool_size"] == 0  # no fixed pool: every minibatch is noised afresh
+    # the shipped weights are the best ones: their held-out loss is the recorded one
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(tmp_path / "full" / "guidance.safetensors"))
+    checkpoint = load_file(str(tmp_path / "full" / "checkpoint.safetensors"))
+    for key, value in shipped.items():
+        torch.testing.assert_close(value, checkpoint[f"best.{key}"] if f"best.{key}" in checkpoint
+                                   else checkpoint[f"net.{key}"])
+
+    def kill(step: int, loss: float) -> None:
+        if step == 25:
+            raise KeyboardInterrupt()
+
+    with pytest.raises(KeyboardInterrupt):
+        train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), out_dir=tmp_path / "cut",
+                       progress=False, on_step=kill)
+    resumed = train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), out_dir=tmp_path / "cut",
+                             resume=True, progress=False)
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+    assert [s for s, _ in resumed.record["held_out_curve"]] == [s for s, _ in curve]
+    assert [v for _, v in resumed.record["held_out_curve"]] == pytest.approx([v for _, v in curve], rel=1e-5)
+    assert resumed.record["best_step"] == full.record["best_step"]
+
+
+def test_the_weights_kept_are_the_best_held_out_not_the_last(tmp_path, monkeypatch):
+    import tiltgen.tilt.learned.train as train_module
+
+    values = iter([3.0, 1.0, 2.0, 4.0])  # held-out loss at steps 10, 20, 30, 40: best at 20
+    monkeypatch.setattr(train_module._Run, "held_out_loss", lambda self: next(values))
+    snapshots = {}
+    original = train_module._Run.validate
+
+    def validate(self):
+        snapshots[self.step] = {k: v.clone() for k, v in self.potential.net.state_dict().items()}
+        original(self)
+
+    monkeypatch.setattr(train_module._Run, "validate", validate)
+    model, fam = ring_model("flow")
+    config = small_config(steps=40, checkpoint_every=10, n_data=300, fresh_noise=True, eta=0.0, val_fraction=0.25)
+    result = train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), out_dir=tmp_path, progress=False)
+    assert result.record["best_step"] == 20 and result.record["held_out_loss"] == 1.0
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(tmp_path / "guidance.safetensors"))
+    for key, value in shipped.items():
+        torch.testing.assert_close(value, snapshots[20][key])
+        torch.testing.assert_close(result.guidance.potential.net.state_dict()[key], snapshots[20][key])
+    assert any(not torch.equal(shipped[k], snapshots[40][k]) for k in shipped)
+
+
+def test_validation_split_holds_out_whole_conditions():
+    from tiltgen.tilt.learned.data import split_rows
+
+    prompt = torch.arange(10).repeat_interleave(4)
+    train, held = split_rows(prompt, 0.2, seed=0)
+    assert torch.unique(prompt[held]).numel() == 2 and held.numel() == 8
+    assert not set(prompt[train].tolist()) & set(prompt[held].tolist())
+    assert sorted(train.tolist() + held.tolist()) == list(range(40))
+    one = torch.zeros(20, dtype=torch.long)  # a single condition: samples are held out instead
+    train, held = split_rows(one, 0.25, seed=0)
+    assert held.numel() == 5 and train.numel() == 15
+    assert split_rows(prompt, 0.0, seed=0)[1].numel() == 0
+
+
+def test_data_reuse_skips_generation_and_refuses_other_data_settings(tmp_path, monkeypatch):
+    import tiltgen.tilt.learned.train as train_module
+
+    model, fam = ring_model("flow")
+    first = train_guidance(model, fam.schedule, RING.reward, small_config(steps=5), shape=(2,),
+                           out_dir=tmp_path / "a", progress=False)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("data was generated again")
+
+    monkeypatch.setattr(train_module, "generate_data", no_sampling)
+    # other training settings (lr, a validation split) reuse the samples and rewards
+    again = train_guidance(model, fam.schedule, RING.reward, small_config(steps=5, lr=1e-3, val_fraction=0.2),
+                           shape=(2,), out_dir=tmp_path / "b", data_from=tmp_path / "a", progress=False)
+    assert again.record["data_size"] == first.record["data_size"]
+    assert again.record["data"]["wall_s"] >= first.record["data"]["wall_s"] * 0.5
+    with pytest.raises(TiltgenError, match="train.n_data"):
+        train_guidance(model, fam.schedule, RING.reward, small_config(steps=5, n_data=100), shape=(2,),
+                       out_dir=tmp_path / "c", data_from=tmp_path / "a", progress=False)
+    with pytest.raises(TiltgenError, match="no config.json"):
+        train_guidance(model, fam.schedule, RING.reward, small_config(steps=5), shape=(2,),
+                       out_dir=tmp_path / "d", data_from=tmp_path / "missing", progress=False)
+    with pytest.raises(TiltgenError, match="fresh_noise"):
+        small_config(fresh_noise=True, eta=1.0)
+    with pytest.raises(TiltgenError, match="val_fraction"):
+        small_config(val_fraction=1.0)
+
+
 def test_bad_inputs_raise_clear_errors(tmp_path):
     model, fam = ring_model("flow")
     with pytest.raises(TiltgenError, match="beta"):

@@ -59,7 +59,7 @@ def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: 
                        times=times, spacing=spacing, sampler=sampler, data_steps=data_steps or args.data_steps or 100,
                        trajectory=args.trajectory or args.noise_tilt, noise_tilt=args.noise_tilt,
                        data_dtype=data_dtype, checkpoint_every=args.checkpoint_every,
-                       seed=args.seed)
+                       fresh_noise=args.fresh_noise, val_fraction=args.val_fraction, seed=args.seed)
 
 
 def _train_guidance(args: argparse.Namespace) -> int:
@@ -77,11 +77,13 @@ def _train_guidance(args: argparse.Namespace) -> int:
     else:
         model, schedule, reward, config, extra = _analytic_training(args)
     result = train_guidance(model, schedule, reward, config, out_dir=out, resume=args.resume,
-                            progress=not args.no_progress, **extra)
+                            data_from=args.data_from, progress=not args.no_progress, **extra)
     rec = result.record
     print(f"trained {rec['steps']} steps: final loss {rec['final_loss']:.4f}; data {rec['data_size']} samples; "
           f"{rec['train_model_evals']} model evals, {rec['train_reward_evals']} reward evals, "
           f"{rec['train_wall_s']:.1f} s")
+    if rec.get("held_out_loss") is not None:
+        print(f"held-out loss {rec['held_out_loss']:.4f} at step {rec['best_step']} (the weights kept)")
     print(f"guidance written to {out} (guidance.json, guidance.safetensors, loss.png)")
     return 0
 
@@ -266,6 +268,14 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--noise-tilt", action="store_true",
                        help="deterministic one-step generators: learn h of the input noise and tilt the noise "
                             "(implies --trajectory; needs --eta 0 and --data-steps 1)")
+    train.add_argument("--fresh-noise", action="store_true",
+                       help="noise the samples afresh at every step instead of a fixed pool of noised states "
+                            "(needs --eta 0, no --trajectory); the network cannot memorise the noise")
+    train.add_argument("--val-fraction", type=float, default=0.0,
+                       help="share of the prompts held out; the weights kept are those with the lowest held-out "
+                            "loss, checked every --checkpoint-every steps (default 0: keep the last)")
+    train.add_argument("--data-from", help="reuse the samples and rewards of an earlier run folder (refused "
+                                           "unless model, reward, prompts and data settings match)")
     train.add_argument("--checkpoint-every", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -14,12 +14,13 @@ DEFAULT_BETA = 0.1
 
 def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *, guidance: str | None = None,
                     scale: float = 1.0, t_window: tuple[float, float] | None = None, data_var: float | None = None,
-                    variant: str = "bounded", seed: int = 0) -> tuple[Any, float | None]:
+                    variant: str | None = None, seed: int = 0) -> tuple[Any, float | None]:
     """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a diffusers
     LatentModel). ``learned`` loads ``guidance`` (a folder or ``builtin:<name>``), refuses a
     network trained for another base model and tilts at the network's own beta: a different
     ``beta`` raises. ``tweedie`` and ``trainingfree`` need ``reward`` and default to beta = 0.1;
-    ``data_var`` defaults to the model's ``tiltgen.json`` value, else 1."""
+    ``data_var`` and ``variant`` default to the model's ``tiltgen.json`` values, else 1 and
+    ``bounded`` (:func:`default_variant`)."""
     if method == "unguided":
         return None, beta
     if method == "learned":
@@ -38,8 +39,15 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
 
     if data_var is None:
         data_var = float(getattr(model, "info", {}).get("data_var", 1.0))
+    variant = variant or default_variant(model)
     return TrainingFreeGuidance(latent_reward, beta, model.schedule, data_var=data_var, variant=variant, scale=scale,
                                 t_window=t_window, seed=seed), beta
+
+
+def default_variant(model: Any) -> str:
+    """The training-free variant a model recommends in its ``tiltgen.json``
+    (``trainingfree_variant``), else ``bounded`` (the analytic benchmark's choice)."""
+    return str(getattr(model, "info", {}).get("trainingfree_variant", "bounded"))
 
 
 def _learned(model: Any, guidance: str | None, beta: float | None, scale: float,

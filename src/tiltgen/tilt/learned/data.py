@@ -132,26 +132,55 @@ def training_times(schedule: Schedule, levels: int, spacing: str, times: Sequenc
     return grid
 
 
+def noised_states(x0: Tensor, schedule: Schedule, times: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Forward-noise each row of x0 [B, ...] at a time drawn from ``times``: (x_t, t [B] float64)."""
+    t = times[torch.randint(0, times.numel(), (x0.shape[0],), generator=g)]
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(x0.dtype)
+    c = coefficients(schedule, t, x0)
+    return c.alpha * x0 + c.sigma * eps, t
+
+
+def split_rows(prompt: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(training rows, held-out rows) of the data. With several conditions whole conditions are
+    held out, so the held-out loss measures generalisation to unseen prompts; with one, samples."""
+    if fraction <= 0:
+        return torch.arange(prompt.numel()), torch.zeros(0, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    groups = torch.unique(prompt)
+    if groups.numel() >= 2:
+        k = min(groups.numel() - 1, max(1, round(fraction * groups.numel())))
+        held = groups[torch.randperm(groups.numel(), generator=g)[:k]]
+        mask = torch.isin(prompt, held)
+    else:
+        if prompt.numel() < 2:
+            raise TiltgenError("a validation split needs at least 2 samples")
+        k = min(prompt.numel() - 1, max(1, round(fraction * prompt.numel())))
+        mask = torch.zeros(prompt.numel(), dtype=torch.bool)
+        mask[torch.randperm(prompt.numel(), generator=g)[:k]] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+
+
 def build_pool(data: GuidanceData, model: Model, schedule: Schedule, *, beta: float, size: int, times: Tensor,
                conditions: Sequence[Any] | None, with_x0_hat: bool, seed: int, chunk: int = 8192,
-               progress: bool = True) -> Pool:
+               progress: bool = True, rows: Tensor | None = None) -> Pool:
     """``size`` noised states (forward noising at ``times``, or the sampler's own states in
-    trajectory mode) with their targets; x0_hat from the frozen model if ``with_x0_hat``."""
+    trajectory mode) with their targets; x0_hat from the frozen model if ``with_x0_hat``.
+    ``rows``: draw from these samples only (the training split)."""
     g = torch.Generator().manual_seed(seed)
     w = data.weights(beta)
     n = data.x0.shape[0]
     if data.states is not None:  # trajectory mode: (step, trajectory) pairs
         steps = data.states.shape[0]
-        flat = torch.randint(0, steps * n, (size,), generator=g)
-        step, idx = flat // n, flat % n
+        if rows is None:
+            flat = torch.randint(0, steps * n, (size,), generator=g)
+            step, idx = flat // n, flat % n
+        else:
+            step = torch.randint(0, steps, (size,), generator=g)
+            idx = rows[torch.randint(0, rows.numel(), (size,), generator=g)]
         x_t, t = data.states[step, idx], data.times[step]
     else:
-        idx = torch.randint(0, n, (size,), generator=g)
-        t = times[torch.randint(0, times.numel(), (size,), generator=g)]
-        x0 = data.x0[idx]
-        eps = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(x0.dtype)
-        c = coefficients(schedule, t, x0)
-        x_t = c.alpha * x0 + c.sigma * eps
+        idx = torch.randint(0, n, (size,), generator=g) if rows is None else rows[torch.randint(0, rows.numel(), (size,), generator=g)]
+        x_t, t = noised_states(data.x0[idx], schedule, times, g)
     x0_hat = None
     evals = 0
     if with_x0_hat:

@@ -31,12 +31,15 @@ from ...core.model import Model, as_model
 from ...core.reward import Reward, as_reward, reward_name
 from ...core.schedules import Schedule, schedule_from_config
 from ...errors import TiltgenError, check_beta, check_choice
-from .data import GuidanceData, Pool, build_pool, generate_data, training_times
+from .data import GuidanceData, Pool, build_pool, generate_data, noised_states, split_rows, training_times
 from .losses import LOSSES, consistency_loss, tilt_loss
 from .networks import build_network
 from .potential import CondEncoder, GuidancePotential, LearnedGuidance
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+VAL_DRAWS = 8  # noised states per held-out sample (fixed, so the held-out loss is comparable across steps)
+# TrainConfig keys that decide the generated samples and rewards (data can be reused when they match)
+DATA_KEYS = ("n_data", "sampler", "data_steps", "spacing", "seed", "trajectory", "data_dtype")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class TrainConfig:
     data_dtype: str = "float32"
     net: dict | None = None               # network config; default from the sample shape
     checkpoint_every: int = 200
+    fresh_noise: bool = False             # new noise and time for every minibatch instead of a fixed pool
+    val_fraction: float = 0.0             # conditions held out; the weights kept are the best on them
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -74,6 +79,12 @@ class TrainConfig:
                 raise TiltgenError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise TiltgenError(f"lr must be > 0, got {self.lr}")
+        if self.fresh_noise and (self.trajectory or self.eta > 0):
+            raise TiltgenError("fresh_noise noises the samples afresh at every step: it needs trajectory=False "
+                               "(trajectory mode trains on the sampler's own states) and eta=0 (the consistency "
+                               "loss needs the frozen model's x0_hat at fixed states)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise TiltgenError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.noise_tilt and not (self.trajectory and self.eta == 0):
             raise TiltgenError("noise_tilt learns h of a generator's own input states: it needs trajectory=True "
                                "and eta=0 (the consistency regulariser is defined for x0 shifts)")
@@ -176,17 +187,67 @@ class _Run:
     """Mutable state of one training run (so train_guidance stays a short script of steps)."""
 
     def __init__(self, config: TrainConfig, potential: GuidancePotential, pool: Pool, data: GuidanceData,
-                 embeddings: Tensor | None):
+                 embeddings: Tensor | None, schedule: Schedule, times: Tensor, train_rows: Tensor,
+                 held_rows: Tensor):
         self.config = config
         self.potential = potential
         self.pool = pool
         self.data = data
         self.embeddings = embeddings
+        self.schedule = schedule
+        self.times = times
+        self.train_rows = train_rows
+        self.weights = data.weights(config.beta)
+        self.held = self._held_out_states(held_rows)
         self.opt = Adam(list(potential.parameters()), lr=config.lr)
         self.rng = torch.Generator().manual_seed(config.seed + 1)
         self.step = 0
         self.losses: list[float] = []
+        self.val_losses: list[tuple[int, float]] = []
+        self.best: dict[str, Tensor] | None = None  # weights with the lowest held-out loss so far
+        self.best_val = math.inf
+        self.best_step = 0
         self.train_wall = 0.0
+
+    def _held_out_states(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Fixed noised states of the held-out samples (VAL_DRAWS per sample): (rows, x_t, t)."""
+        if rows.numel() == 0:
+            return None
+        g = torch.Generator().manual_seed(self.config.seed + 3)
+        rows = rows.repeat(VAL_DRAWS)
+        if self.data.states is not None:  # trajectory mode: the sampler's own states
+            step = torch.randint(0, self.data.states.shape[0], (rows.numel(),), generator=g)
+            return rows, self.data.states[step, rows], self.data.times[step]
+        x_t, t = noised_states(self.data.x0[rows], self.schedule, self.times, g)
+        return rows, x_t, t
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """The tilt loss on the held-out states (nan without a split)."""
+        if self.held is None:
+            return math.nan
+        rows, x_t, t = self.held
+        total = 0.0
+        for part in torch.arange(rows.numel()).split(4096):
+            r = rows[part]
+            emb = self.embeddings[self.data.prompt[r]] if self.embeddings is not None else None
+            logit = self.potential.logit(x_t[part].to(self.potential.dtype), t[part], emb)
+            total += float(tilt_loss(self.config.loss, logit, self.weights[r].to(logit.dtype))) * r.numel()
+        return total / rows.numel()
+
+    def validate(self) -> None:
+        """Record the held-out loss and keep the weights if they are the best so far."""
+        value = self.held_out_loss()
+        if math.isnan(value):
+            return
+        self.val_losses.append((self.step, value))
+        if value < self.best_val:
+            self.best_val, self.best_step = value, self.step
+            self.best = {k: v.detach().clone() for k, v in self.potential.net.state_dict().items()}
+
+    def final_weights(self) -> dict[str, Tensor]:
+        """The weights to ship: the best on the held-out conditions, else the last."""
+        return self.best if self.best is not None else self.potential.net.state_dict()
 
     def lr_at(self, step: int) -> float:
         # cosine decay to 5% of lr: a stateless schedule, so resuming needs only the step
@@ -194,10 +255,15 @@ class _Run:
 
     def train_step(self) -> float:
         cfg, pool = self.config, self.pool
-        idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=self.rng)
         dtype = self.potential.dtype
-        x, t, w = pool.x_t[idx].to(dtype), pool.t[idx], pool.w[idx].to(dtype)
-        emb = self.embeddings[pool.prompt[idx]] if self.embeddings is not None else None
+        if cfg.fresh_noise:  # an endless pool: each step noises training samples afresh
+            rows = self.train_rows[torch.randint(0, self.train_rows.numel(), (cfg.batch_size,), generator=self.rng)]
+            x, t = noised_states(self.data.x0[rows], self.schedule, self.times, self.rng)
+            x, w, prompt = x.to(dtype), self.weights[rows].to(dtype), self.data.prompt[rows]
+        else:
+            idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=self.rng)
+            x, t, w, prompt = pool.x_t[idx].to(dtype), pool.t[idx], pool.w[idx].to(dtype), pool.prompt[idx]
+        emb = self.embeddings[prompt] if self.embeddings is not None else None
         if cfg.eta > 0:
             logit, shift = self.potential.logit_and_shift(x, t, emb)
             loss = tilt_loss(cfg.loss, logit, w) + cfg.eta * consistency_loss(
@@ -215,20 +281,29 @@ class _Run:
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"net.{k}": v for k, v in self.potential.net.state_dict().items()}
+        if self.best is not None:
+            out.update({f"best.{k}": v for k, v in self.best.items()})
         out.update(self.opt.tensors())
         out["rng"] = self.rng.get_state()
         return out
 
     def state_meta(self) -> dict[str, str]:
-        return {"step": str(self.step), "losses": json.dumps(self.losses), "train_wall": repr(self.train_wall)}
+        return {"step": str(self.step), "losses": json.dumps(self.losses), "train_wall": repr(self.train_wall),
+                "val_losses": json.dumps(self.val_losses), "best_val": repr(self.best_val),
+                "best_step": str(self.best_step)}
 
     def restore(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
         self.potential.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        self.best = best or None
         self.opt.load(tensors)
         self.rng.set_state(tensors["rng"])
         self.step = int(meta["step"])
         self.losses = json.loads(meta["losses"])
         self.train_wall = float(meta["train_wall"])
+        self.val_losses = [tuple(v) for v in json.loads(meta.get("val_losses", "[]"))]
+        self.best_val = float(meta.get("best_val", "inf"))
+        self.best_step = int(meta.get("best_step", "0"))
 
 
 def _describe(obj: Any) -> str:
@@ -247,16 +322,43 @@ def _check_resume_dir(out_dir: Path | None, config: TrainConfig) -> dict:
     return saved
 
 
-def _prepare_data(model: Model, schedule: Schedule, reward: Reward, config: TrainConfig, shape: Sequence[int],
-                  conditions: Sequence[Any] | None, progress: bool) -> tuple[GuidanceData, Pool]:
-    dtype = _DTYPES[config.data_dtype]
-    data = generate_data(model, schedule, reward, shape=shape, n=config.n_data, conditions=conditions,
+def _generate(model: Model, schedule: Schedule, reward: Reward, config: TrainConfig, shape: Sequence[int],
+              conditions: Sequence[Any] | None, progress: bool) -> GuidanceData:
+    return generate_data(model, schedule, reward, shape=shape, n=config.n_data, conditions=conditions,
                          sampler=config.sampler, steps=config.data_steps, spacing=config.spacing, seed=config.seed,
-                         trajectory=config.trajectory, dtype=dtype, progress=progress)
-    times = training_times(schedule, config.time_levels, config.spacing, config.times)
-    pool = build_pool(data, model, schedule, beta=config.beta, size=config.pool_size, times=times,
-                      conditions=conditions, with_x0_hat=config.eta > 0, seed=config.seed + 2, progress=progress)
-    return data, pool
+                         trajectory=config.trajectory, dtype=_DTYPES[config.data_dtype], progress=progress)
+
+
+def _make_pool(data: GuidanceData, model: Model, schedule: Schedule, config: TrainConfig, times: Tensor,
+               conditions: Sequence[Any] | None, train_rows: Tensor, progress: bool) -> Pool:
+    if config.fresh_noise:  # no fixed pool: minibatches are noised afresh
+        return Pool(*(torch.zeros(0) for _ in range(5)), x0_hat=None)
+    return build_pool(data, model, schedule, beta=config.beta, size=config.pool_size, times=times,
+                      conditions=conditions, with_x0_hat=config.eta > 0, seed=config.seed + 2, progress=progress,
+                      rows=None if config.val_fraction == 0 else train_rows)
+
+
+def _data_identity(config: TrainConfig, base_model: dict | None, reward: str, conditions: list[str] | None,
+                   shape: Sequence[int]) -> dict:
+    """Everything that decides the generated samples and their rewards."""
+    train = config.to_json()
+    return {"train": {k: train[k] for k in DATA_KEYS}, "base_model": base_model, "reward": reward,
+            "conditions": conditions, "shape": list(shape)}
+
+
+def _reuse_data(source: Path, identity: dict, shape: tuple[int, ...]) -> tuple[GuidanceData, float]:
+    """Samples and rewards of an earlier run whose data settings equal ``identity``."""
+    if not (source / "config.json").is_file() or not (source / "data.safetensors").is_file():
+        raise TiltgenError(f"cannot reuse data: {source} has no config.json / data.safetensors from an earlier run")
+    saved = json.loads((source / "config.json").read_text())
+    theirs = _data_identity(TrainConfig.from_json(saved["train"]), saved.get("base_model"), saved.get("reward"),
+                            saved.get("conditions"), saved.get("shape", []))
+    differ = sorted({f"train.{k}" for k in DATA_KEYS if theirs["train"][k] != identity["train"][k]}
+                    | {k for k in ("base_model", "reward", "conditions", "shape") if theirs[k] != identity[k]})
+    if differ:
+        raise TiltgenError(f"cannot reuse the data in {source}: it was generated with different {', '.join(differ)}")
+    data, _, wall = _load_saved_data(source, saved, shape)
+    return data, wall
 
 
 def _load_saved_data(out: Path, saved: dict, shape: tuple[int, ...]) -> tuple[GuidanceData, Pool, float]:
@@ -267,7 +369,8 @@ def _load_saved_data(out: Path, saved: dict, shape: tuple[int, ...]) -> tuple[Gu
                         tensors.get("times"), meta["model_evals"], meta["reward_evals"])
     if tuple(data.x0.shape[1:]) != shape:
         raise TiltgenError(f"cannot resume: saved samples have shape {tuple(data.x0.shape[1:])}, expected {shape}")
-    return data, Pool.from_tensors(tensors, meta["pool_model_evals"]), float(meta["wall_s"])
+    pool = Pool.from_tensors(tensors, meta["pool_model_evals"]) if "pool.t" in tensors else None
+    return data, pool, float(meta["wall_s"])
 
 
 def _restore_checkpoint(path: Path, run: "_Run") -> None:
@@ -297,6 +400,9 @@ def _optimise(run: "_Run", out: Path | None, progress: bool, on_step: Callable[[
             if run.step % 20 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}")
             if run.step % config.checkpoint_every == 0 or run.step == config.steps:
+                run.validate()
+                if run.best_step:
+                    bar.set_postfix(loss=f"{loss:.4f}", held_out=f"{run.best_val:.4f}@{run.best_step}")
                 checkpoint()
             if on_step is not None:
                 on_step(run.step, loss)
@@ -310,7 +416,7 @@ def _optimise(run: "_Run", out: Path | None, progress: bool, on_step: Callable[[
 def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: TrainConfig, *,
                    shape: Sequence[int], conditions: Sequence[Any] | None = None,
                    cond_encoder: CondEncoder | None = None, out_dir: str | Path | None = None,
-                   resume: bool = False, progress: bool = True,
+                   resume: bool = False, data_from: str | Path | None = None, progress: bool = True,
                    on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train a guidance network for ``reward`` at ``config.beta`` on samples of ``model``.
 
@@ -319,6 +425,10 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     embeds one for the network. ``on_step(step, loss)`` is called after every step.
     With ``out_dir``: checkpoints every ``config.checkpoint_every`` steps (and on Ctrl-C),
     and ``resume=True`` continues an interrupted run from its last checkpoint.
+    ``data_from``: reuse the samples and rewards of an earlier run's directory (refused, naming
+    the keys, unless they were generated with the same model, reward, prompts and data settings).
+    With ``config.val_fraction`` > 0 a share of the conditions is held out and the weights kept
+    are those with the lowest held-out loss (checked every ``checkpoint_every`` steps).
     """
     model = as_model(model)
     reward = as_reward(reward)
@@ -329,12 +439,23 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
         raise TiltgenError("conditions were given without a cond_encoder to embed them for the network")
     embeddings = None if conditions is None else torch.cat([cond_encoder(c).reshape(1, -1) for c in conditions])
 
+    base_model = ({"name": _describe(model), "fingerprint": model.fingerprint()}
+                  if callable(getattr(model, "fingerprint", None)) else None)
+    cond_names = None if conditions is None else [repr(c) for c in conditions]
+    times = training_times(schedule, config.time_levels, config.spacing, config.times)
+
     start = time.perf_counter()
+    pool: Pool | None = None
     if saved is not None:
         data, pool, data_wall = _load_saved_data(out, saved, shape)  # type: ignore[arg-type]
+    elif data_from is not None:
+        identity = _data_identity(config, base_model, reward_name(reward), cond_names, shape)
+        data, data_wall = _reuse_data(Path(data_from), identity, shape)
     else:
-        data, pool = _prepare_data(model, schedule, reward, config, shape, conditions, progress)
-        data_wall = 0.0
+        data, data_wall = _generate(model, schedule, reward, config, shape, conditions, progress), 0.0
+    train_rows, held_rows = split_rows(data.prompt, config.val_fraction, config.seed + 4)
+    if pool is None:
+        pool = _make_pool(data, model, schedule, config, times, conditions, train_rows, progress)
     data_wall += time.perf_counter() - start
 
     s_data = float(data.x0.to(torch.float64).std()) or 1.0
@@ -342,31 +463,34 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(config.seed)
         potential = GuidancePotential(build_network(net_config), schedule, s_data, noise_tilt=config.noise_tilt)
-    run = _Run(config, potential, pool, data, embeddings)
+    run = _Run(config, potential, pool, data, embeddings, schedule, times, train_rows, held_rows)
     full_config = {"train": config.to_json(), "net": net_config, "schedule": schedule.config(), "s_data": s_data,
                    "shape": list(shape), "prediction": model.prediction, "model": _describe(model),
                    # which base model this network belongs to (checked when it is loaded for sampling)
-                   "base_model": ({"name": _describe(model), "fingerprint": model.fingerprint()}
-                                  if callable(getattr(model, "fingerprint", None)) else None),
+                   "base_model": base_model,
                    "reward": reward_name(reward),
                    # network evaluations per model call (2 for a model with classifier-free guidance)
                    "evals_per_model_call": int(model.evals_per_call()) if hasattr(model, "evals_per_call") else 1,
-                   "conditions": None if conditions is None else [repr(c) for c in conditions],
+                   "conditions": cond_names,
+                   "held_out_conditions": (None if conditions is None or config.val_fraction == 0 else
+                                           [cond_names[i] for i in torch.unique(data.prompt[held_rows]).tolist()]),
                    "data": {"model_evals": data.model_evals, "reward_evals": data.reward_evals,
                             "pool_model_evals": pool.model_evals, "wall_s": data_wall}}
     if out is not None and saved is None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_tensors(out / "data.safetensors", {**data.tensors(), **pool.tensors()})
+        _write_tensors(out / "data.safetensors", {**data.tensors(), **(pool.tensors() if len(pool) else {})})
         _write_json(out / "config.json", full_config)
     if saved is not None and (out / "checkpoint.safetensors").is_file():  # type: ignore[operator]
         _restore_checkpoint(out / "checkpoint.safetensors", run)  # type: ignore[operator]
     _optimise(run, out, progress, on_step)
+    potential.net.load_state_dict(run.final_weights())
 
     record = _record(full_config, run, data, pool, data_wall)
     if out is not None:
-        _write_tensors(out / "guidance.safetensors", potential.net.state_dict())
+        _write_tensors(out / "guidance.safetensors", run.final_weights())
         _write_json(out / "guidance.json", record)
-        plot_losses(run.losses, out / "loss.png", title=f"{record['reward']} beta={config.beta:g} ({config.loss})")
+        plot_losses(run.losses, out / "loss.png", title=f"{record['reward']} beta={config.beta:g} ({config.loss})",
+                    held_out=run.val_losses)
     return TrainResult(LearnedGuidance(potential, cond_encoder), record, run.losses)
 
 
@@ -375,12 +499,15 @@ def _record(full_config: dict, run: _Run, data: GuidanceData, pool: Pool, data_w
     return {**full_config, "beta": run.config.beta, "loss": run.config.loss, "eta": run.config.eta,
             "data_size": int(data.x0.shape[0]), "pool_size": len(pool), "steps": run.step,
             "final_loss": sum(tail) / len(tail),
+            "held_out_loss": None if run.best_step == 0 else run.best_val, "best_step": run.best_step or run.step,
+            "held_out_curve": run.val_losses,
             "train_model_evals": data.model_evals + pool.model_evals, "train_reward_evals": data.reward_evals,
             "train_wall_s": data_wall + run.train_wall}
 
 
-def plot_losses(losses: Sequence[float], path: Path, title: str = "") -> Path:
-    """Loss per step and its running mean, as a PNG (matplotlib, Agg)."""
+def plot_losses(losses: Sequence[float], path: Path, title: str = "",
+                held_out: Sequence[tuple[int, float]] = ()) -> Path:
+    """Loss per step, its running mean and the held-out loss (step, value), as a PNG (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,6 +519,8 @@ def plot_losses(losses: Sequence[float], path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(values.numpy(), alpha=0.3, lw=0.8, label="loss")
     ax.plot(range(k - 1, k - 1 + len(smooth)), smooth.numpy(), lw=1.5, label=f"mean of {k}")
+    if held_out:
+        ax.plot([s for s, _ in held_out], [v for _, v in held_out], "o-", ms=3, lw=1.2, label="held-out conditions")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=9)
