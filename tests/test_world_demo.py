@@ -33,6 +33,9 @@ def test_demo_writes_every_row_for_every_prompt(demo):
         assert r["wall_ratio"] > 0 and r["model_evals"] > 0
     md = (out / "results.md").read_text()
     assert "within-prompt" in md and "Attribute histograms that moved" in md
+    # the training-free row reports the variant it used (the flow folder recommends linear)
+    assert {r["variant"] for r in records if r["method"] == "trainingfree"} == {"linear"}
+    assert "flow trainingfree uses the `linear` variant" in md
     best = [r for r in records if r["method"] == "bestofn"]
     assert all(r["best_of"] >= 2 for r in best)
     unguided = {(r["model"], r["prompt"]): r for r in records if r["method"] == "unguided"}

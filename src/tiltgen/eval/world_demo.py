@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core.model import CountingModel
 from ..errors import TiltgenError
 from ..tilt.base import GuidedModel
-from .estimators import build_estimator
+from .estimators import build_estimator, default_variant
 
 TARGET_REWARD = "world-proxy"
 GOLD_REWARD = "world-gold"
@@ -169,6 +169,8 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
     evals_per_call = model.evals_per_call(model.encode(prompts[:1]))
     results = {m: RowResult(name, m, images[m], walls[m], meta[m][0].sample_evals / len(prompts) * evals_per_call,
                             m == "tweedie", None if m == "unguided" else meta[m][1]) for m in runners}
+    if "trainingfree" in results:
+        results["trainingfree"].extra["variant"] = default_variant(model)
     if "bestofn" in methods:
         base = min(walls["unguided"])
         best_of = settings.best_of or max(2, round(max([min(w) / base for m, w in walls.items() if m != "unguided"],

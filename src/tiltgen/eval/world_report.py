@@ -176,7 +176,9 @@ def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Pat
         f"Target reward `{TARGET_REWARD}` (the learned proxy preference) at beta = {settings.beta:g} (learned "
         f"networks tilt at the beta they were trained for); held-out `{GOLD_REWARD}`; {settings.n} images per "
         f"prompt, seeds {settings.seed}..{settings.seed + settings.n - 1} in every row; {wall_total:.0f} s in all. "
-        "The guidance networks never saw these prompts.\n",
+        "The guidance networks never saw these prompts."
+        + "".join(f" {r.model} {r.method} uses the `{r.extra['variant']}` variant (the model folder's recommendation)."
+                  for r in results if "variant" in r.extra) + "\n",
         "## Effect sizes (mean over prompts)\n",
         "Gains are over the same model's unguided samples, in units of the base model's within-prompt standard "
         "deviation of that reward; fidelity = fraction of the attributes a prompt specifies that the attribute "
@@ -238,6 +240,8 @@ def plot_grid(results: Sequence[RowResult], settings: DemoSettings, path: Path, 
                 if i == 0 and j == 0:
                     ax.set_title(repr(prompt), fontsize=7, loc="left")
         label = row.method if row.method != "bestofn" else f"best-of-{row.extra.get('best_of')}"
+        if "variant" in row.extra:
+            label += f"\n({row.extra['variant']})"
         axes[i, 0].set_ylabel(f"{row.model}\n{label}", fontsize=7, rotation=0, ha="right", va="center")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
