@@ -160,15 +160,14 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, Crash])
-def test_interrupted_training_resumes_to_the_same_final_loss(tmp_path, interrupt):
+def _full_and_resumed(tmp_path, config: TrainConfig, interrupt: type[BaseException], at_step: int):
+    """(an uninterrupted run, a run interrupted by ``interrupt`` after ``at_step`` and resumed) on the ring."""
     model, fam = ring_model("flow")
-    config = small_config(steps=30, checkpoint_every=10, n_data=200, pool_size=2000)
     full = train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), out_dir=tmp_path / "full",
                           progress=False)
 
     def kill(step: int, loss: float) -> None:
-        if step == 17:
+        if step == at_step:
             raise interrupt()
 
     with pytest.raises(interrupt):
@@ -176,6 +175,13 @@ def test_interrupted_training_resumes_to_the_same_final_loss(tmp_path, interrupt
                        progress=False, on_step=kill)
     resumed = train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), out_dir=tmp_path / "cut",
                              resume=True, progress=False)
+    return full, resumed
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, Crash])
+def test_interrupted_training_resumes_to_the_same_final_loss(tmp_path, interrupt):
+    config = small_config(steps=30, checkpoint_every=10, n_data=200, pool_size=2000)
+    full, resumed = _full_and_resumed(tmp_path, config, interrupt, at_step=17)
     assert len(resumed.losses) == 30
     assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5)
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
@@ -183,10 +189,8 @@ def test_interrupted_training_resumes_to_the_same_final_loss(tmp_path, interrupt
 
 
 def test_fresh_noise_with_validation_keeps_the_best_weights_and_resumes(tmp_path):
-    model, fam = ring_model("flow")
     config = small_config(steps=40, checkpoint_every=10, n_data=300, fresh_noise=True, eta=0.0, val_fraction=0.25)
-    full = train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), out_dir=tmp_path / "full",
-                          progress=False)
+    full, resumed = _full_and_resumed(tmp_path, config, KeyboardInterrupt, at_step=25)
     curve = full.record["held_out_curve"]
     assert [step for step, _ in curve] == [10, 20, 30, 40]
     best_step, best = min(curve, key=lambda item: item[1])
@@ -200,16 +204,6 @@ def test_fresh_noise_with_validation_keeps_the_best_weights_and_resumes(tmp_path
     for key, value in shipped.items():
         torch.testing.assert_close(value, checkpoint[f"best.{key}"] if f"best.{key}" in checkpoint
                                    else checkpoint[f"net.{key}"])
-
-    def kill(step: int, loss: float) -> None:
-        if step == 25:
-            raise KeyboardInterrupt()
-
-    with pytest.raises(KeyboardInterrupt):
-        train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), out_dir=tmp_path / "cut",
-                       progress=False, on_step=kill)
-    resumed = train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), out_dir=tmp_path / "cut",
-                             resume=True, progress=False)
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
     assert [s for s, _ in resumed.record["held_out_curve"]] == [s for s, _ in curve]
     assert [v for _, v in resumed.record["held_out_curve"]] == pytest.approx([v for _, v in curve], rel=1e-5)

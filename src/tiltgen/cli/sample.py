@@ -75,9 +75,7 @@ def prompts_from_args(args: argparse.Namespace) -> list[str]:
 
 def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     """The estimator of ``--method``; records the beta and variant it really uses in ``args``."""
-    from ..eval.estimators import build_estimator
-
-    from ..eval.estimators import default_variant
+    from ..eval.estimators import build_estimator, default_variant
 
     args.variant = args.variant or default_variant(model)
     estimator, args.beta = build_estimator(model, args.method, reward, args.beta, guidance=args.guidance,

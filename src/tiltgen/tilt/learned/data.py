@@ -179,7 +179,8 @@ def build_pool(data: GuidanceData, model: Model, schedule: Schedule, *, beta: fl
             idx = rows[torch.randint(0, rows.numel(), (size,), generator=g)]
         x_t, t = data.states[step, idx], data.times[step]
     else:
-        idx = torch.randint(0, n, (size,), generator=g) if rows is None else rows[torch.randint(0, rows.numel(), (size,), generator=g)]
+        idx = (torch.randint(0, n, (size,), generator=g) if rows is None
+               else rows[torch.randint(0, rows.numel(), (size,), generator=g)])
         x_t, t = noised_states(data.x0[idx], schedule, times, g)
     x0_hat = None
     evals = 0
