@@ -84,3 +84,21 @@ def test_weights_fingerprint_follows_the_weights():
     with torch.no_grad():
         b.weight[0, 0] += 1e-3
     assert weights_fingerprint(a) != weights_fingerprint(b)
+
+
+def test_v_loss_weight_is_min_snr_with_a_floor():
+    """gamma = 0 is the unweighted v loss; otherwise min(SNR, gamma) / (SNR + 1), never below the floor."""
+    from tiltgen.builtin.recipes.diffusion import v_loss_weight
+    from tiltgen.builtin.recipes.pipelines import sd_scheduler
+
+    scheduler = sd_scheduler()
+    k = torch.tensor([0, 100, 500, 900, 999])
+    assert torch.equal(v_loss_weight(scheduler, k, 0.0, 0.3), torch.ones(5))
+    abar = scheduler.alphas_cumprod[k].double()
+    snr = abar / (1 - abar)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / (snr + 1)
+    torch.testing.assert_close(v_loss_weight(scheduler, k, 5.0, 0.0), expected.float())
+    floored = v_loss_weight(scheduler, k, 5.0, 0.3)
+    assert floored.min() >= 0.3 and floored[0] == pytest.approx(0.3) and floored[-1] == pytest.approx(0.3)
+    # at SNR near gamma the weight is gamma / (gamma + 1), above the floor
+    assert floored.max() == pytest.approx(5 / 6, abs=0.05)
