@@ -125,6 +125,10 @@ def test_catalog_lists_every_artefact_within_the_size_budget(capsys):
         assert row["parameters"] > 100_000
     guidance = [r for r in rows.values() if r["kind"] == "guidance"]
     assert {r["base_model"] for r in guidance} >= {"builtin:world-diffusion", "builtin:world-onestep"}
+    from tiltgen.tilt.learned import load_guidance
+
+    for r in guidance:  # the scale listed is the one sampling uses
+        assert r["scale"] == load_guidance(builtin_path(r["name"])).scale
     assert {"builtin:attribute-classifier", "builtin:proxy-preference"} <= set(rows)
     assert sum(r["bytes"] for r in rows.values()) <= MAX_SHIPPED_BYTES
     assert cli(["models", "--json"]) == 0

@@ -3,6 +3,7 @@ no network)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ def folder_bytes(folder: Path) -> int:
 
 def describe(name: str) -> dict[str, Any]:
     """One built-in artefact: name, kind, family, pipeline class, folder, parameters, size,
-    default steps and CFG (generators), rewards (reward networks), base model and reward
-    (guidance networks)."""
+    default steps and CFG (generators), rewards (reward networks), base model, reward, beta and
+    the calibrated scale sampling uses (guidance networks)."""
     folder = builtin_path(name)
     info = read_info(folder)
     row: dict[str, Any] = {"name": PREFIX + folder.name, "kind": info.get("kind"), "family": info.get("family"),
@@ -44,8 +45,16 @@ def describe(name: str) -> dict[str, Any]:
     elif info.get("kind") == "reward-network":
         row.update(rewards=info.get("rewards"))
     elif info.get("kind") == "guidance":
-        row.update(base_model=info.get("base_model"), reward=info.get("reward"), beta=info.get("beta"))
+        row.update(base_model=info.get("base_model"), reward=info.get("reward"), beta=info.get("beta"),
+                   scale=_calibrated_scale(folder))
     return row
+
+
+def _calibrated_scale(folder: Path) -> float:
+    """The scale ``tiltgen calibrate-guidance`` recorded in the network's guidance.json, else 1."""
+    path = folder / "guidance.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return float((record.get("calibration") or {}).get("scale", 1.0))
 
 
 def catalog() -> list[dict[str, Any]]:

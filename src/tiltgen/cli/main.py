@@ -11,6 +11,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import TiltgenError
+from .calibrate import add_calibrate_parser
 from .sample import DTYPES, add_sample_parser
 
 
@@ -184,7 +185,7 @@ def _models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    head = ("name", "kind", "family", "pipeline", "parameters", "default_steps", "base_model", "folder")
+    head = ("name", "kind", "family", "pipeline", "parameters", "default_steps", "base_model", "scale", "folder")
     table = [head] + [tuple("-" if r.get(k) is None else
                             f"{r[k] / 1e6:.2f}M" if k == "parameters" else str(r[k]) for k in head) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     analytic.add_argument("--train-steps", type=int, help="learned guidance: training steps (default 1500, quick 250)")
     analytic.set_defaults(func=_bench_analytic)
     _add_train_guidance(commands)
+    add_calibrate_parser(commands)
     add_sample_parser(commands)
     _add_demo(commands)
     _add_models(commands)

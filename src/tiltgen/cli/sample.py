@@ -34,7 +34,9 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="unguided", choices=METHODS)
     p.add_argument("--beta", type=float, default=None,
                    help="tilt temperature (smaller = stronger; default 0.1; --method learned: the network's own)")
-    p.add_argument("--scale", type=float, default=1.0, help="multiplier of the guidance term")
+    p.add_argument("--scale", type=float, default=None,
+                   help="multiplier of the guidance term (default 1; --method learned: the network's calibrated "
+                        "scale, if `tiltgen calibrate-guidance` recorded one)")
     p.add_argument("--t-window", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for t in [LO, HI]")
     p.add_argument("--guidance", help="--method learned: folder written by train-guidance, or builtin:<name>")
     p.add_argument("--data-var", type=float, default=None,
@@ -81,6 +83,8 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     estimator, args.beta = build_estimator(model, args.method, reward, args.beta, guidance=args.guidance,
                                            scale=args.scale, t_window=tuple(args.t_window) if args.t_window else None,
                                            data_var=args.data_var, variant=args.variant, seed=args.seed)
+    if args.method != "unguided":
+        args.scale = float(getattr(estimator, "scale", 1.0 if args.scale is None else args.scale))
     return estimator
 
 

@@ -13,14 +13,15 @@ DEFAULT_BETA = 0.1
 
 
 def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *, guidance: str | None = None,
-                    scale: float = 1.0, t_window: tuple[float, float] | None = None, data_var: float | None = None,
+                    scale: float | None = None, t_window: tuple[float, float] | None = None, data_var: float | None = None,
                     variant: str | None = None, seed: int = 0) -> tuple[Any, float | None]:
     """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a diffusers
     LatentModel). ``learned`` loads ``guidance`` (a folder or ``builtin:<name>``), refuses a
     network trained for another base model and tilts at the network's own beta: a different
     ``beta`` raises. ``tweedie`` and ``trainingfree`` need ``reward`` and default to beta = 0.1;
     ``data_var`` and ``variant`` default to the model's ``tiltgen.json`` values, else 1 and
-    ``bounded`` (:func:`default_variant`)."""
+    ``bounded`` (:func:`default_variant`). ``scale`` multiplies the guidance term: default 1, and for
+    ``learned`` the network's calibrated scale when it has one (``tiltgen calibrate-guidance``)."""
     if method == "unguided":
         return None, beta
     if method == "learned":
@@ -34,13 +35,14 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     if method == "tweedie":
         from ..tilt import TweedieGuidance
 
-        return TweedieGuidance(latent_reward, beta, scale=scale, t_window=t_window), beta
+        return TweedieGuidance(latent_reward, beta, scale=1.0 if scale is None else scale, t_window=t_window), beta
     from ..tilt.training_free import TrainingFreeGuidance
 
     if data_var is None:
         data_var = float(getattr(model, "info", {}).get("data_var", 1.0))
     variant = variant or default_variant(model)
-    return TrainingFreeGuidance(latent_reward, beta, model.schedule, data_var=data_var, variant=variant, scale=scale,
+    return TrainingFreeGuidance(latent_reward, beta, model.schedule, data_var=data_var, variant=variant,
+                                scale=1.0 if scale is None else scale,
                                 t_window=t_window, seed=seed), beta
 
 
@@ -50,7 +52,7 @@ def default_variant(model: Any) -> str:
     return str(getattr(model, "info", {}).get("trainingfree_variant", "bounded"))
 
 
-def _learned(model: Any, guidance: str | None, beta: float | None, scale: float,
+def _learned(model: Any, guidance: str | None, beta: float | None, scale: float | None,
              t_window: tuple[float, float] | None) -> tuple[Any, float | None]:
     from ..builtin import resolve_weights
     from ..tilt.learned import load_guidance

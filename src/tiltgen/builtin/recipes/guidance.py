@@ -6,7 +6,8 @@ guidance.safetensors, prompts.txt, tiltgen.json, README.md).
     python -m tiltgen.builtin.recipes.guidance --model builtin:world-diffusion --reward world-proxy --beta 0.05 \
         --out src/tiltgen/builtin/weights/guidance-diffusion-proxy -- --n-data 48 --steps 3000
 
-Arguments after ``--`` go to ``tiltgen train-guidance`` unchanged. The run folder (training
+Then ``tiltgen calibrate-guidance`` picks the network's scale on its held-out training prompts
+(``--no-calibrate`` skips it). Arguments after ``--`` go to ``tiltgen train-guidance`` unchanged. The run folder (training
 data, checkpoints; ``<out>/.work``) makes an interrupted run resumable with ``--resume``.
 """
 
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="train on prompts naming two shapes only (yes), one only (no), or any")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="skip `tiltgen calibrate-guidance` on the held-out training prompts (needs "
+                             "--val-fraction > 0 after --)")
     args = parser.parse_args(own)
     out = Path(args.out)
     work = out / ".work"
@@ -59,7 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter() - start
     for name in SHIPPED:
         shutil.copy(work / name, out / name)
-    record = json.loads((work / "guidance.json").read_text())
+    if not args.no_calibrate:
+        code = tiltgen(["calibrate-guidance", "--guidance", str(out), "--model", args.model, "--reward", args.reward])
+        if code:
+            return code
+    record = json.loads((out / "guidance.json").read_text())
     base = (record.get("base_model") or {}).get("name", args.model)
     (out / "tiltgen.json").write_text(json.dumps({
         "kind": "guidance", "name": out.name, "base_model": base, "reward": args.reward, "beta": args.beta,
@@ -84,10 +92,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f"; {wall / 60:.1f} min of training on 2 CPU cores, plus {data['wall_s'] / 60:.1f} min of data "
            "generation by an earlier run with the same settings, reused with --data-from" if "--data-from" in argv
            else f"; {wall / 60:.1f} min in all (data {data['wall_s'] / 60:.1f} min) on 2 CPU cores")
-        + ".\n")
+        + ".\n" + calibration_sentence(record))
     shutil.rmtree(work)
     print(f"guidance network written to {out}")
     return 0
+
+
+def calibration_sentence(record: dict) -> str:
+    """The README's account of ``tiltgen calibrate-guidance`` (empty when the network was not calibrated)."""
+    cal = record.get("calibration")
+    if not cal:
+        return ""
+    tried = ", ".join(f"{t['scale']:g}: {t['reward']:.4f}" for t in cal["tried"])
+    share = "" if cal["share"] is None else (
+        f"; share of the exact tilt's gain {cal['share']:.2f} at this scale"
+        + ("" if cal.get("share_at_scale_1") is None else f", {cal['share_at_scale_1']:.2f} at scale 1"))
+    return (f"\nCalibrated scale (`tiltgen calibrate-guidance`, the default of `tiltgen sample` and `tiltgen demo`): "
+            f"**{cal['scale']:.3g}**. On {len(cal['conditions'])} held-out training prompts × {cal['n']} samples, "
+            f"mean reward unguided {cal['base_reward']:.4f}, exact tilt (self-normalised, ESS {cal['ess']:.1f} of "
+            f"{cal['n']}) {cal['target_reward']:.4f}, guided at scale {cal['scale']:.3g} {cal['reward']:.4f}{share} "
+            f"(scales tried: {tried}); {cal['wall_s'] / 60:.1f} min.\n")
 
 
 def _without_data_from(argv: Sequence[str]) -> list[str]:

@@ -531,8 +531,12 @@ def plot_losses(losses: Sequence[float], path: Path, title: str = "",
     return path
 
 
-def load_guidance(out_dir: str | Path, cond_encoder: CondEncoder | None = None, scale: float = 1.0) -> LearnedGuidance:
-    """The trained estimator saved in ``out_dir`` (guidance.json + guidance.safetensors)."""
+def load_guidance(out_dir: str | Path, cond_encoder: CondEncoder | None = None,
+                  scale: float | None = None) -> LearnedGuidance:
+    """The trained estimator saved in ``out_dir`` (guidance.json + guidance.safetensors).
+
+    ``scale=None``: the scale recorded by ``tiltgen calibrate-guidance`` (``calibration.scale``
+    in guidance.json), else 1 (the network's own estimate of the tilt)."""
     out = Path(out_dir)
     if not (out / "guidance.json").is_file() or not (out / "guidance.safetensors").is_file():
         raise TiltgenError(f"{out} has no trained guidance (guidance.json + guidance.safetensors)")
@@ -541,4 +545,6 @@ def load_guidance(out_dir: str | Path, cond_encoder: CondEncoder | None = None, 
     net.load_state_dict(load_file(str(out / "guidance.safetensors")))
     potential = GuidancePotential(net, schedule_from_config(record["schedule"]), record["s_data"],
                                   noise_tilt=bool(record.get("train", {}).get("noise_tilt", False)))
+    if scale is None:
+        scale = float((record.get("calibration") or {}).get("scale", 1.0))
     return LearnedGuidance(potential, cond_encoder, scale)
