@@ -36,6 +36,15 @@ def test_demo_writes_every_row_for_every_prompt(demo):
     # the training-free row reports the variant it used (the flow folder recommends linear)
     assert {r["variant"] for r in records if r["method"] == "trainingfree"} == {"linear"}
     assert "flow trainingfree uses the `linear` variant" in md
+    # learned rows guide at (and report) the scale their network was calibrated to
+    from tiltgen.eval.world_demo import GUIDANCE
+    from tiltgen.tilt.learned import load_guidance
+    from tiltgen.builtin import builtin_path
+
+    for r in (r for r in records if r["method"].startswith("learned")):
+        assert r["scale"] == load_guidance(builtin_path(GUIDANCE[(r["model"], r["method"])])).scale
+        if r["scale"] != 1.0:
+            assert f"{r['model']} {r['method']} guides at scale {r['scale']:.3g}" in md
     best = [r for r in records if r["method"] == "bestofn"]
     assert all(r["best_of"] >= 2 for r in best)
     unguided = {(r["model"], r["prompt"]): r for r in records if r["method"] == "unguided"}

@@ -99,7 +99,7 @@ def _seeds(settings: DemoSettings) -> list[int]:
 
 
 def _guided_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
-                   ) -> tuple[Callable[[], Tensor], CountingModel, float | None]:
+                   ) -> tuple[Callable[[], Tensor], CountingModel, float | None, float | None]:
     prompts = [p for p in settings.prompts for _ in range(settings.n)]
     cond = model.encode(prompts)
     learned = method.startswith("learned")  # a learned network tilts at the beta it was trained for
@@ -113,7 +113,7 @@ def _guided_runner(model: Any, method: str, name: str, settings: DemoSettings, r
         counter.calls = counter.sample_evals = 0
         return model.sample(cond, seeds=_seeds(settings), steps=steps, model=wrapped).images
 
-    return run, counter, beta
+    return run, counter, beta, getattr(estimator, "scale", None)
 
 
 def _best_of_runner(model: Any, settings: DemoSettings, reward: Any, best_of: int
@@ -158,17 +158,20 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
     prompts = [p for p in settings.prompts for _ in range(settings.n)]
     model.sample(model.encode(prompts[:2]), seeds=[0, 1], steps=1)  # first-call initialisation, untimed
     runners: dict[str, Callable[[], Tensor]] = {}
-    meta: dict[str, tuple[CountingModel, float | None]] = {}
+    meta: dict[str, tuple[CountingModel, float | None, float | None]] = {}
     for method in ["unguided"] + [m for m in methods if m not in ("unguided", "bestofn")]:
         reward = rewards["binary" if method == "learned-binary" else "target"]
-        run, counter, beta = _guided_runner(model, method, name, settings, reward)
-        runners[method], meta[method] = run, (counter, beta)
+        run, counter, beta, scale = _guided_runner(model, method, name, settings, reward)
+        runners[method], meta[method] = run, (counter, beta, scale)
     images, walls = _time_rows(runners, settings.timing_repeats)
     if progress is not None:
         progress.update(len(runners))
     evals_per_call = model.evals_per_call(model.encode(prompts[:1]))
     results = {m: RowResult(name, m, images[m], walls[m], meta[m][0].sample_evals / len(prompts) * evals_per_call,
                             m == "tweedie", None if m == "unguided" else meta[m][1]) for m in runners}
+    for m in results:
+        if m.startswith("learned"):  # the network's calibrated scale, or 1
+            results[m].extra["scale"] = meta[m][2]
     if "trainingfree" in results:
         results["trainingfree"].extra["variant"] = default_variant(model)
     if "bestofn" in methods:

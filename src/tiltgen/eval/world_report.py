@@ -178,7 +178,9 @@ def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Pat
         f"prompt, seeds {settings.seed}..{settings.seed + settings.n - 1} in every row; {wall_total:.0f} s in all. "
         "The guidance networks never saw these prompts."
         + "".join(f" {r.model} {r.method} uses the `{r.extra['variant']}` variant (the model folder's recommendation)."
-                  for r in results if "variant" in r.extra) + "\n",
+                  for r in results if "variant" in r.extra)
+        + "".join(f" {r.model} {r.method} guides at scale {r.extra['scale']:.3g} (the network's calibrated scale, "
+                  "`tiltgen calibrate-guidance`)." for r in results if r.extra.get("scale") not in (None, 1.0)) + "\n",
         "## Effect sizes (mean over prompts)\n",
         "Gains are over the same model's unguided samples, in units of the base model's within-prompt standard "
         "deviation of that reward; fidelity = fraction of the attributes a prompt specifies that the attribute "
@@ -242,6 +244,8 @@ def plot_grid(results: Sequence[RowResult], settings: DemoSettings, path: Path, 
         label = row.method if row.method != "bestofn" else f"best-of-{row.extra.get('best_of')}"
         if "variant" in row.extra:
             label += f"\n({row.extra['variant']})"
+        if row.extra.get("scale") not in (None, 1.0):
+            label += f"\n(scale {row.extra['scale']:.3g})"
         axes[i, 0].set_ylabel(f"{row.model}\n{label}", fontsize=7, rotation=0, ha="right", va="center")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
