@@ -213,7 +213,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
                                            "SD3-like flow) unguided and with every guidance method on "
                                            "under-specified prompts; write grid.png, results.md and results.json.")
     demo.add_argument("--out", help="output folder (default: a fresh tiltgen-demo-<date>-<time> folder)")
-    demo.add_argument("--n", type=int, default=8, help="images per prompt (default 8)")
+    demo.add_argument("--n", type=int, default=6, help="images per prompt (default 6)")
     demo.add_argument("--beta", type=float, default=DEFAULT_BETA,
                       help=f"tilt temperature of Tweedie, training-free guidance and the exact-tilt estimate "
                            f"(default {DEFAULT_BETA}; learned networks use their own)")

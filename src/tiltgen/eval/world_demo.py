@@ -54,7 +54,7 @@ UNRELIABLE_SPREAD = 1.3
 class DemoSettings:
     prompts: Sequence[str]
     prompt_set: str = "demo"
-    n: int = 8
+    n: int = 6
     beta: float = DEFAULT_BETA
     seed: int = 0
     rows: Sequence[tuple[str, str]] = ()
