@@ -12,6 +12,7 @@ from typing import Sequence
 from .. import __version__
 from ..errors import TiltgenError
 from .calibrate import add_calibrate_parser
+from .finetune import add_finetune_parser
 from .sample import DTYPES, add_sample_parser
 
 
@@ -312,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     analytic.set_defaults(func=_bench_analytic)
     _add_train_guidance(commands)
     add_calibrate_parser(commands)
+    add_finetune_parser(commands)
     add_sample_parser(commands)
     _add_demo(commands)
     _add_models(commands)

@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from .oracle import HISTOGRAMS, effective_sample_size, snis_mean, snis_weights, total_variation, weighted_histograms
 from .world_demo import BINARY_REWARD, GOLD_REWARD, TARGET_REWARD, DemoSettings, RowResult, wall_ratio
 
 #: An attribute histogram "moved" when its total-variation distance from unguided is at least this.
 MOVED_TV = 0.15
-HISTOGRAMS = ("count", "background", "colour", "shape", "size", "position")
 
 
 def diversity(images: Tensor) -> float | None:
@@ -32,24 +31,13 @@ def diversity(images: Tensor) -> float | None:
 
 def histograms(readings: Sequence[Any]) -> dict[str, dict[str, float]]:
     """Fractions of each attribute value over the readings (count per image, the rest per shape)."""
-    out: dict[str, Counter] = {k: Counter() for k in HISTOGRAMS}
-    for r in readings:
-        out["count"][str(min(len(r.shapes), 3)) if len(r.shapes) < 3 else "3+"] += 1
-        out["background"][r.background] += 1
-        for s in r.shapes:
-            for k in ("colour", "shape", "size", "position"):
-                out[k][getattr(s, k)] += 1
-    return {k: {v: c / max(1, sum(counter.values())) for v, c in sorted(counter.items())} for k, counter in out.items()}
-
-
-def total_variation(a: dict[str, float], b: dict[str, float]) -> float:
-    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+    return weighted_histograms(readings)
 
 
 def tilted_estimate(values: Tensor, beta: float) -> tuple[float, float]:
     """Self-normalised importance estimate of E_p*[r] from base samples' rewards, and its ESS."""
-    w = torch.softmax(values.double() / beta, 0)
-    return float((w * values.double()).sum()), float(1.0 / (w ** 2).sum())
+    w = snis_weights(values, beta)
+    return snis_mean(values, w), effective_sample_size(w)
 
 
 def measure(results: Sequence[RowResult], settings: DemoSettings) -> list[dict[str, Any]]:

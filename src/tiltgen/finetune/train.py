@@ -1,0 +1,227 @@
+"""``finetune``: one loop for the three baselines, with budgets, checkpoints and resume.
+
+Output folder ``out`` (files written atomically)::
+
+    config.json           the run's FinetuneConfig, base model, reward and prompts
+    .work/pool.safetensors   base samples and rewards (rwdsm, dpo), written per prompt
+    .work/checkpoint.pt   trainable weights, optimiser, step, log, accumulated compute
+    log.jsonl             one line per step: loss (and the batch's mean reward for draft)
+    step-XXXXXX/          a pipeline folder at each budget
+    model_index.json ...  the final pipeline (``out`` itself loads in diffusers)
+    finetune.json         the record: compute per stage (FLOPs, wall, peak memory), budgets
+    loss.png              the loss curve (and the reward curve of draft)
+
+Every step draws its minibatch, times and noise from a generator seeded by (seed, step),
+so a resumed run continues exactly where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backends.diffusers import DiffusersBackend
+from ..backends.diffusers.loading import resolve_model_path
+from ..core.compute import measure, peak_memory
+from ..core.reward import as_reward, reward_name
+from ..errors import TiltgenError
+from .config import FinetuneConfig, differing_keys
+from .data import BasePool, base_pool
+from .losses import dpo_loss, draft_loss, dsm_loss
+from .weights import TrainableDenoiser, write_pipeline
+
+STEP_SEED_STRIDE = 1_000_033
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _check_inputs(backend: Any, config: FinetuneConfig, reward: Any, prompts: Sequence[str]) -> None:
+    if not prompts:
+        raise TiltgenError("fine-tuning needs at least one prompt")
+    backend.check_prompts(list(prompts))
+    if config.method == "draft" and not getattr(reward, "differentiable", False):
+        raise TiltgenError(f"draft back-propagates the reward, but reward {reward_name(reward)!r} is not "
+                           "differentiable; use rwdsm or dpo, which need reward values only")
+    if config.method in ("rwdsm", "dpo") and backend.default_steps <= 1:
+        raise TiltgenError(f"{config.method} trains a multi-step denoiser, but {backend.name} is a one-step "
+                           "generator (default steps 1); use --method draft (direct reward fine-tuning)")
+
+
+def _prepare_out(out: Path, wanted: dict[str, Any], resume: bool) -> None:
+    saved_path = out / "config.json"
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        if not resume:
+            raise TiltgenError(f"{out} already holds a fine-tuning run; pass --resume to continue it, "
+                               "or choose another --out")
+        diff = differing_keys(saved, wanted)
+        if diff:
+            raise TiltgenError(f"cannot resume {out}: the configuration differs in {', '.join(diff)}")
+    elif out.exists() and any(out.iterdir()):
+        raise TiltgenError(f"{out} exists and is not a fine-tuning run folder; choose an empty or new --out")
+    (out / ".work").mkdir(parents=True, exist_ok=True)
+    _atomic_json(saved_path, wanted)
+
+
+class _Step:
+    """One optimiser step of ``config.method``; returns (loss, mean reward or None)."""
+
+    def __init__(self, model: Any, trainable: TrainableDenoiser, config: FinetuneConfig, prompts: list[str],
+                 reward: Any, pool: BasePool | None, steps: int):
+        self.model, self.trainable, self.config, self.prompts = model, trainable, config, prompts
+        self.pool, self.steps = pool, steps
+        self.latent_reward = model.latent_reward(reward)
+        family = model.backend.family
+        # training conditions are the prompts alone: no CFG (FLUX keeps its embedded guidance)
+        self.train_cond = model.encode(prompts, guidance_scale=None if family == "flux" else 1.0)
+        if pool is not None:
+            self.weights = pool.weights(config.beta)
+
+    def _times(self, n: int, g: torch.Generator) -> torch.Tensor:
+        return self.config.t_min + (1 - self.config.t_min) * torch.rand(n, generator=g, dtype=torch.float64)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, float | None]:
+        g = torch.Generator().manual_seed(self.config.seed * STEP_SEED_STRIDE + step)
+        b, dev = self.config.batch_size, self.model.backend.device
+        if self.config.method == "draft":
+            which = torch.randint(len(self.prompts), (b,), generator=g).tolist()
+            cond = self.model.encode([self.prompts[i] for i in which])
+            seeds = torch.randint(2**31 - 1, (b,), generator=g).tolist()
+            loss, r = draft_loss(self.model, self.trainable.reference, self.latent_reward, cond,
+                                 self.model.initial_latents(seeds), self.model.times(self.steps),
+                                 self.config.draft_k, self.config.beta, self.config.reg)
+            return loss, float(r.mean())
+        pool = self.pool
+        assert pool is not None
+        if self.config.method == "rwdsm":
+            rows = torch.multinomial(self.weights, b, replacement=True, generator=g)
+            x0 = pool.latents[rows].to(dev)
+            t = self._times(b, g)
+            eps = torch.randn(x0.shape, generator=g).to(dev)
+            return dsm_loss(self.model, x0, self.train_cond.select(pool.prompt[rows]), t.to(dev), eps), None
+        which = torch.randint(len(self.prompts), (b,), generator=g)
+        a, c = [], []
+        for p in which.tolist():
+            rows = pool.rows_of(p)
+            pick = torch.randperm(len(rows), generator=g)[:2]
+            a.append(rows[pick[0]])
+            c.append(rows[pick[1]])
+        a, c = torch.stack(a), torch.stack(c)
+        p_a = torch.sigmoid((pool.reward[a] - pool.reward[c]) / self.config.beta).float().to(dev)
+        x_a, x_c = pool.latents[a].to(dev), pool.latents[c].to(dev)
+        t = self._times(b, g).to(dev)
+        eps = torch.randn(x_a.shape, generator=g).to(dev)
+        return dpo_loss(self.model, self.trainable.reference, x_a, x_c, self.train_cond.select(which), t, eps,
+                        p_a, self.config.dpo_scale), None
+
+
+def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], config: FinetuneConfig,
+             out: str | os.PathLike, *, resume: bool = False, progress: bool = True, device: str = "cpu",
+             dtype: torch.dtype | None = None, cache_dir: str | None = None) -> dict[str, Any]:
+    """Fine-tune the pipeline folder (or built-in / cached model) ``model`` and write pipeline
+    folders to ``out`` (see the module docstring). Returns the record saved as finetune.json."""
+    prompts = [str(p) for p in prompts]
+    reward = as_reward(reward)
+    out = Path(out)
+    base = resolve_model_path(str(model), cache_dir=cache_dir)
+    backend = DiffusersBackend.from_pretrained(str(model), device=device, dtype=dtype, cache_dir=cache_dir)
+    _check_inputs(backend, config, reward, prompts)
+    wanted = {"config": config.to_json(), "base_model": str(model), "reward": reward_name(reward), "prompts": prompts}
+    _prepare_out(out, wanted, resume)
+    latent = backend.at(config.height, config.width, guidance_scale=config.cfg)
+    steps = config.data_steps or backend.default_steps
+    pool = None
+    if config.method in ("rwdsm", "dpo"):
+        pool = base_pool(latent, prompts, reward, n=config.samples_per_prompt, seed=config.seed, steps=steps,
+                         path=out / ".work" / "pool.safetensors", progress=progress)
+    trainable = TrainableDenoiser(backend, config.lora_rank)
+    optimiser = torch.optim.AdamW(trainable.parameters(), lr=config.lr, weight_decay=0.0)
+    state = {"step": 0, "log": [], "train_wall_s": 0.0, "flops_per_step": 0, "peak_mem_bytes": 0, "written": []}
+    ckpt = out / ".work" / "checkpoint.pt"
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        trainable.load_state_dict(saved["trainable"])
+        optimiser.load_state_dict(saved["optimiser"])
+        state = saved["state"]
+    one_step = _Step(latent, trainable, config, prompts, reward, pool, steps)
+
+    def checkpoint() -> None:
+        tmp = ckpt.with_name(".checkpoint.pt.tmp")
+        torch.save({"trainable": trainable.state_dict(), "optimiser": optimiser.state_dict(), "state": state}, tmp)
+        os.replace(tmp, ckpt)
+
+    def record() -> dict[str, Any]:
+        return _record(config, wanted, state, pool, trainable, backend)
+
+    bar = tqdm(total=config.steps, initial=state["step"], desc=f"finetune {config.method}", disable=not progress,
+               dynamic_ncols=True)
+    while state["step"] < config.steps:
+        step = state["step"]
+
+        def train_step() -> tuple[float, float | None]:
+            optimiser.zero_grad(set_to_none=True)
+            loss, r = one_step(step)
+            if not torch.isfinite(loss):
+                raise TiltgenError(f"non-finite loss at step {step}; lower --lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
+            optimiser.step()
+            return float(loss.detach()), r
+
+        cost = measure(train_step, count_flops=state["flops_per_step"] == 0, device=device)
+        loss, r = cost.value
+        if state["flops_per_step"] == 0:
+            state["flops_per_step"] = cost.flops
+        state["train_wall_s"] += cost.wall_s
+        state["peak_mem_bytes"] = max(state["peak_mem_bytes"], cost.peak_mem_bytes)
+        state["log"].append({"step": step + 1, "loss": loss, **({} if r is None else {"reward": r})})
+        state["step"] = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", **({} if r is None else {"reward": f"{r:.3f}"}))
+        at_budget = state["step"] in config.budgets and state["step"] < config.steps
+        if at_budget:
+            folder = out / f"step-{state['step']:06d}"
+            write_pipeline(base, folder, backend, trainable, {**record(), "steps_done": state["step"]})
+            state["written"].append(folder.name)
+        if at_budget or state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
+            checkpoint()
+    bar.close()
+    final = record()
+    write_pipeline(base, out, backend, trainable, {**final, "steps_done": state["step"]})
+    (out / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in state["log"]))
+    _plot(state["log"], out / "loss.png", f"{config.method}, beta {config.beta}, {reward_name(reward)}")
+    _atomic_json(out / "finetune.json", final)
+    return final
+
+
+def _record(config: FinetuneConfig, wanted: dict[str, Any], state: dict[str, Any], pool: BasePool | None,
+            trainable: TrainableDenoiser, backend: Any) -> dict[str, Any]:
+    data = {"samples": 0, "model_evals": 0, "flops": 0, "wall_s": 0.0}
+    if pool is not None:
+        data = {"samples": int(pool.latents.shape[0]), "model_evals": pool.model_evals, "flops": pool.flops,
+                "wall_s": pool.wall_s}
+    train = {"steps": state["step"], "flops_per_step": state["flops_per_step"],
+             "flops": state["flops_per_step"] * state["step"], "wall_s": state["train_wall_s"],
+             "peak_mem_bytes": state["peak_mem_bytes"], "trainable_parameters": trainable.num_trainable(),
+             "lora_rank": config.lora_rank}
+    return {"method": config.method, "beta": config.beta, "base_model": wanted["base_model"],
+            "reward": wanted["reward"], "prompts": len(wanted["prompts"]), "config": config.to_json(),
+            "compute": {"data": data, "train": train, "total_flops": data["flops"] + train["flops"]},
+            "budgets": list(state["written"]), "peak_mem_bytes": max(state["peak_mem_bytes"],
+                                                                     peak_memory(backend.device))}
+
+
+def _plot(log: list[dict[str, Any]], path: Path, title: str) -> None:
+    from ..tilt.learned.train import plot_losses
+
+    plot_losses([row["loss"] for row in log], path, title)
