@@ -1,0 +1,113 @@
+"""`tiltgen bench world`'s pieces: the stage cache, intervals, the summary against the oracle,
+the headline ratio and the reports (the full run is a benchmark, not a test)."""
+
+import json
+
+import pytest
+import torch
+
+from tiltgen.eval.world_bench import (BenchSettings, StageCache, bootstrap_interval, headline, markdown, plot,
+                                      quick_settings, summarise)
+
+
+def test_stage_cache_computes_once_and_keys_by_content(tmp_path):
+    cache = StageCache(tmp_path)
+    calls = []
+
+    def compute(folder):
+        calls.append(folder)
+        return {"value": len(calls)}
+
+    assert cache.get("sample", {"a": 1}, compute) == {"value": 1}
+    assert cache.get("sample", {"a": 1}, compute) == {"value": 1}  # a rerun (e.g. after a kill) reuses it
+    assert cache.get("sample", {"a": 2}, compute) == {"value": 2}
+    assert len(calls) == 2 and calls[0] != calls[1]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_stage_cache_leaves_no_result_when_a_stage_dies(tmp_path):
+    cache = StageCache(tmp_path)
+
+    def dies(folder):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.get("finetune", {"a": 1}, dies)
+    assert cache.get("finetune", {"a": 1}, lambda folder: {"ok": True}) == {"ok": True}
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_data():
+    g = torch.Generator().manual_seed(0)
+    small = [[(torch.randn(8, generator=g) + 1).tolist(), (torch.randn(8, generator=g) - 1).tolist()]]
+    big = [[(torch.randn(512, generator=g) + 1).tolist(), (torch.randn(512, generator=g) - 1).tolist()]]
+    lo_s, hi_s = bootstrap_interval(small, 500)
+    lo_b, hi_b = bootstrap_interval(big, 500)
+    assert lo_b < 0.0 < hi_b and hi_b - lo_b < 0.5 * (hi_s - lo_s)
+    assert bootstrap_interval([[[None, None]]], 10) is None
+
+
+def _stage(proxy, gold, hist):
+    return {"prompts": [{"prompt": "p", "proxy": proxy, "gold": gold, "binary": [1.0] * len(proxy),
+                         "fidelity": [None] * len(proxy), "diversity": 0.1, "histograms": hist}],
+            "sampling_flops_per_image": 10, "sampling_wall_per_image": 0.01}
+
+
+def test_summary_measures_the_share_of_the_exact_gain_and_the_distance_to_p_star():
+    settings = BenchSettings(prompts=("p",), bootstrap=50)
+    oracle = {"prompts": {"p": {"base": {"proxy": 0.4, "gold": 0.4}, "tilted": {"proxy": 0.8, "gold": 0.7},
+                                "ess": 12.0, "histograms": {"colour": {"red": 1.0}}}}}
+    seeds = [_stage([0.5, 0.7], [0.5, 0.5], {"colour": {"red": 0.5, "blue": 0.5}}),
+             _stage([0.6, 0.6], [0.6, 0.6], {"colour": {"red": 1.0}})]
+    out = summarise(seeds, oracle, settings)
+    assert out["proxy"] == pytest.approx(0.6) and out["gold"] == pytest.approx(0.55)
+    assert out["fraction_of_exact_gain"] == pytest.approx(0.5)  # (0.6 - 0.4) / (0.8 - 0.4)
+    assert out["attribute_tv"] == pytest.approx(0.25)  # mean of 0.5 and 0
+    assert out["oracle_ess"] == 12.0 and out["seeds"] == 2 and out["fidelity"] is None
+
+
+def _row(model, method, proxy, total, family="sampling", budget=None):
+    return {"model": model, "method": method, "proxy": proxy, "family": family, "budget": budget,
+            "compute": {"total_flops": total}}
+
+
+def test_headline_ratio_and_its_absence():
+    rows = [_row("onestep", "learned", 0.60, 2e12),
+            _row("diffusion", "finetune-rwdsm", 0.55, 1e13, "finetune", 100),
+            _row("diffusion", "finetune-rwdsm", 0.58, 2e13, "finetune", 200)]
+    h = headline(rows)
+    assert h["reached"] and h["ratio"] == pytest.approx(0.1)
+    assert h["best_finetune"]["budget"] == 200
+    rows.append(_row("diffusion", "finetune-draft", 0.70, 4e13, "finetune", 50))
+    h = headline(rows)
+    assert not h["reached"] and h["ratio"] is None
+    cheapest = h["cheapest_finetune_matching_learned"]
+    assert cheapest["method"] == "finetune-draft" and cheapest["ratio"] == pytest.approx(0.05)
+
+
+def test_reports_are_written(tmp_path):
+    compute = {"data_flops": 0, "train_flops": 0, "sampling_flops_per_image": 5, "total_flops": 5e4,
+               "total_wall_s": 1.0}
+    row = {"model": "onestep", "method": "unguided", "proxy": 0.5, "proxy_ci": (0.4, 0.6), "gold": 0.5,
+           "gold_ci": (0.4, 0.6), "fidelity": 0.9, "binary": 1.0, "diversity": 0.2, "fraction_of_exact_gain": 0.0,
+           "attribute_tv": 0.1, "oracle_ess": 3.0, "compute": compute, "hacking": True, "hacking_beyond_noise": False}
+    result = {"settings": BenchSettings().to_json(), "rows": [row], "wall_s": 1.0, "headline": {}}
+    text = markdown(result)
+    assert "| onestep | unguided |" in text and "within noise" in text
+    assert plot(result, tmp_path / "p.png").stat().st_size > 0
+    json.dumps(result)
+
+
+def test_quick_settings_are_smaller():
+    quick, full = quick_settings(), BenchSettings()
+    assert quick.seeds == 1 and full.seeds >= 3
+    assert all(quick.oracle_n[k] < full.oracle_n[k] for k in full.oracle_n)
+    assert full.oracle_n["onestep"] >= 4096
+
+
+def test_guidance_seeds_rerun_the_shipped_recipe():
+    from tiltgen.eval.world_bench import shipped_recipe
+
+    for name in ("diffusion", "onestep"):
+        args = shipped_recipe(name)
+        assert "--out" not in args and "--seed" not in args and "--" in args
+        assert args[args.index("--model") + 1] == f"builtin:world-{name}"
