@@ -88,6 +88,8 @@ def test_each_method_writes_pipelines_that_plain_diffusers_loads(sd_dir, tmp_pat
     assert compute["total_flops"] == compute["data"]["flops"] + compute["train"]["flops"]
     assert json.loads((out / "finetune.json").read_text())["budgets"] == ["step-000002"]
     assert (out / "loss.png").is_file()
+    assert cli(["sample", "--model", str(out), "--prompt", "a cat", "--n", "1", "--steps", "2", "--cfg", "1",
+                "--height", "16", "--width", "16", "--out", str(tmp_path / "samples")]) == 0
     if method == "dpo":  # the first step's model is the reference: the implicit ratio is 0, the loss log 2
         assert log[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
 

@@ -222,6 +222,27 @@ def _record(config: FinetuneConfig, wanted: dict[str, Any], state: dict[str, Any
 
 
 def _plot(log: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The loss curve, and for draft the batch's mean reward beside it."""
     from ..tilt.learned.train import plot_losses
 
     plot_losses([row["loss"] for row in log], path, title)
+    rewards = [row["reward"] for row in log if "reward" in row]
+    if rewards:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        axes[0].plot([row["loss"] for row in log], lw=0.8)
+        axes[0].set_title("loss", fontsize=9)
+        axes[1].plot(rewards, lw=0.8, color="C2")
+        axes[1].set_title("batch mean reward", fontsize=9)
+        for ax in axes:
+            ax.set_xlabel("step")
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
