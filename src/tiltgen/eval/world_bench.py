@@ -231,15 +231,15 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
             return model.sample(cond, seeds=_seeds(k, offset), steps=steps, model=wrapped).images
 
         flops = _sampling_flops(lambda k: run(settings.prompts[-1], k, 99_000))
-        records, wall = [], 0.0
+        records, wall, peak = [], 0.0, 0
         for prompt in settings.prompts:
-            start = time.perf_counter()
-            images = run(prompt, settings.n)
-            wall += time.perf_counter() - start
-            records.append(prompt_record(judges, images, prompt))
+            cost = measure(lambda: run(prompt, settings.n), count_flops=False, device=model.backend.device)
+            wall += cost.wall_s
+            peak = max(peak, cost.peak_mem_bytes)
+            records.append(prompt_record(judges, cost.value, prompt))
         return {"model": name, "path": model_path, "method": method, "particles": particles, "prompts": records,
                 "sampling_flops_per_image": flops, "sampling_wall_per_image": wall / (settings.n * len(settings.prompts)),
-                "scale": getattr(estimator, "scale", None)}
+                "scale": getattr(estimator, "scale", None), "peak_mem_bytes": peak}
 
     return cache.get("sample", key, compute)
 
@@ -427,7 +427,9 @@ def _compute(row_stage: dict[str, Any], data_flops: int = 0, train_flops: int = 
             "total_flops": int(data_flops + train_flops + images * sampling),
             "data_wall_s": data_wall, "train_wall_s": train_wall,
             "sampling_wall_per_image_s": row_stage["sampling_wall_per_image"],
-            "total_wall_s": data_wall + train_wall + images * row_stage["sampling_wall_per_image"]}
+            "total_wall_s": data_wall + train_wall + images * row_stage["sampling_wall_per_image"],
+            # GPU: the allocator's peak while sampling; CPU: the process's peak RSS so far
+            "sampling_peak_mem_bytes": row_stage.get("peak_mem_bytes")}
 
 
 def run_bench(settings: BenchSettings, work: Path, progress: bool = True) -> dict[str, Any]:
