@@ -304,6 +304,8 @@ def test_cli_train_guidance_writes_record_and_reloads(tmp_path, capsys):
     for key in ("beta", "reward", "model", "data_size", "train_model_evals", "train_reward_evals", "train_wall_s"):
         assert key in record
     assert record["beta"] == 2.0 and record["reward"] == "linear-x" and record["data_size"] == 200
+    assert record["data"]["flops_per_sample"] > 0 and record["data"]["flops"] == 200 * record["data"]["flops_per_sample"]
+    assert record["train_flops_per_step"] > 0 and record["train_flops"] == record["steps"] * record["train_flops_per_step"]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     guidance = load_guidance(out)
     x = torch.randn(4, 2, dtype=torch.float64)

@@ -330,10 +330,10 @@ def guidance_stage(cache: StageCache, name: str, seed: int, progress: bool) -> s
 
 
 def guidance_training_flops(name: str, folder: str, judges: Judges) -> dict[str, Any]:
-    """Compute of the shipped learned guidance network of model ``name``, from its record:
-    data (its sample count x the FLOPs of one base sample with decoding and reward), training
-    (its steps x the FLOPs of one step's forward and backward pass at its batch size) and
-    calibration (its samples x the FLOPs of one unguided plus one guided sample per scale)."""
+    """Compute of a learned guidance network of model ``name``: data (its sample count x the
+    FLOPs of one sample with decoding and reward) and training (its steps x the FLOPs of one
+    forward and backward step at its batch size). Networks trained since FLOPs are recorded
+    carry both per-unit figures; for older ones (the shipped networks) they are measured here."""
     from ..builtin import resolve_weights
     from ..tilt.learned.train import load_guidance
 
@@ -347,7 +347,8 @@ def guidance_training_flops(name: str, folder: str, judges: Judges) -> dict[str,
         with torch.no_grad():
             judges.proxy(images, "a red shape")
 
-    per_sample = measure(lambda: one_sample(2)).flops // 2
+    recorded = record.get("data", {}).get("flops_per_sample")
+    per_sample = recorded or measure(lambda: one_sample(2)).flops // 2
     guidance = load_guidance(folder)
     potential = guidance.potential
     batch = int(record["train"]["batch_size"])
@@ -359,7 +360,7 @@ def guidance_training_flops(name: str, folder: str, judges: Judges) -> dict[str,
         potential.net.zero_grad()
         potential.logit(x, t, emb).sum().backward()
 
-    per_step = measure(one_step).flops
+    per_step = record.get("train_flops_per_step") or measure(one_step).flops
     data_flops = int(record["data_size"]) * per_sample
     train_flops = int(record["steps"]) * per_step
     return {"data_flops": data_flops, "train_flops": train_flops, "per_sample_flops": per_sample,

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ...core.compute import measure
 from ...core.conversions import coefficients
 from ...core.model import Denoiser, Model
 from ...core.reward import Reward, evaluate_reward
@@ -36,6 +37,7 @@ class GuidanceData:
     times: Tensor | None = None   # trajectory mode: [S] the times of those states
     model_evals: int = 0
     reward_evals: int = 0
+    flops_per_sample: int | None = None   # sampling + reward, counted on the first batch
 
     def weights(self, beta: float) -> Tensor:
         """Per-condition normalised exp(r/beta) / mean_c exp(r/beta) [N] (mean 1 per condition)."""
@@ -64,6 +66,7 @@ def generate_data(model: Model, schedule: Schedule, reward: Reward, *, shape: Se
         raise TiltgenError(f"need at least 2 samples per condition to normalise the weights, got {n}")
     conds = [None] if conditions is None else list(conditions)
     xs, rs, ps, states, times = [], [], [], [], None
+    flops_per_sample: int | None = None
     bar = tqdm(total=len(conds) * n, desc="guidance data", disable=not progress, leave=False)
     for p, cond in enumerate(conds):
         for start in range(0, n, chunk):
@@ -75,9 +78,16 @@ def generate_data(model: Model, schedule: Schedule, reward: Reward, *, shape: Se
                 recorded.append(info.x.detach().clone())
                 step_times.append(info.t)
 
-            x0 = sample(model, schedule, shape=shape, seeds=seeds, cond=cond, steps=steps, sampler=sampler,
-                        spacing=spacing, dtype=dtype, progress=False, callback=record if trajectory else None)
-            r = evaluate_reward(reward, x0, cond).detach().to(torch.float64)
+            def draw() -> tuple[Tensor, Tensor]:
+                x0 = sample(model, schedule, shape=shape, seeds=seeds, cond=cond, steps=steps, sampler=sampler,
+                            spacing=spacing, dtype=dtype, progress=False, callback=record if trajectory else None)
+                return x0, evaluate_reward(reward, x0, cond).detach().to(torch.float64)
+
+            if flops_per_sample is None:  # the first batch only: counting slows every op down
+                cost = measure(draw)
+                (x0, r), flops_per_sample = cost.value, cost.flops // len(seeds)
+            else:
+                x0, r = draw()
             xs.append(x0.detach())
             rs.append(r)
             ps.append(torch.full((len(seeds),), p, dtype=torch.long))
@@ -89,7 +99,8 @@ def generate_data(model: Model, schedule: Schedule, reward: Reward, *, shape: Se
     total = len(conds) * n
     return GuidanceData(torch.cat(xs), torch.cat(rs), torch.cat(ps),
                         torch.cat(states, 1) if trajectory else None, times,
-                        model_evals=total * evals_per_sample(sampler, steps), reward_evals=total)
+                        model_evals=total * evals_per_sample(sampler, steps), reward_evals=total,
+                        flops_per_sample=flops_per_sample)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ...core.compute import measure
 from ...core.model import Model, as_model
 from ...core.reward import Reward, as_reward, reward_name
 from ...core.schedules import Schedule, schedule_from_config
@@ -190,6 +191,7 @@ class _Run:
                  embeddings: Tensor | None, schedule: Schedule, times: Tensor, train_rows: Tensor,
                  held_rows: Tensor):
         self.config = config
+        self.step_flops = 0  # FLOPs of one training step, measured on the first step run
         self.potential = potential
         self.pool = pool
         self.data = data
@@ -329,6 +331,14 @@ def _generate(model: Model, schedule: Schedule, reward: Reward, config: TrainCon
                          trajectory=config.trajectory, dtype=_DTYPES[config.data_dtype], progress=progress)
 
 
+def _saved_sample_flops(folder: Path) -> int | None:
+    """The per-sample FLOPs an earlier run recorded (None if it did not)."""
+    try:
+        return json.loads((folder / "config.json").read_text())["data"].get("flops_per_sample")
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def _make_pool(data: GuidanceData, model: Model, schedule: Schedule, config: TrainConfig, times: Tensor,
                conditions: Sequence[Any] | None, train_rows: Tensor, progress: bool) -> Pool:
     if config.fresh_noise:  # no fixed pool: minibatches are noised afresh
@@ -393,7 +403,11 @@ def _optimise(run: "_Run", out: Path | None, progress: bool, on_step: Callable[[
     try:
         while run.step < config.steps:
             tick = time.perf_counter()
-            loss = run.train_step()
+            if run.step_flops == 0:  # FLOPs of one step (forward and backward), counted once per process
+                cost = measure(run.train_step)
+                loss, run.step_flops = cost.value, cost.flops
+            else:
+                loss = run.train_step()
             run.train_wall += time.perf_counter() - tick
             run.losses.append(loss)
             bar.update()
@@ -457,6 +471,12 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     if pool is None:
         pool = _make_pool(data, model, schedule, config, times, conditions, train_rows, progress)
     data_wall += time.perf_counter() - start
+    if saved is not None:
+        sample_flops = (saved.get("data") or {}).get("flops_per_sample")
+    elif data_from is not None:
+        sample_flops = _saved_sample_flops(Path(data_from))
+    else:
+        sample_flops = data.flops_per_sample
 
     s_data = float(data.x0.to(torch.float64).std()) or 1.0
     net_config = dict(config.net or default_net(shape, 0 if embeddings is None else embeddings.shape[1]))
@@ -475,7 +495,9 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
                    "held_out_conditions": (None if conditions is None or config.val_fraction == 0 else
                                            [cond_names[i] for i in torch.unique(data.prompt[held_rows]).tolist()]),
                    "data": {"model_evals": data.model_evals, "reward_evals": data.reward_evals,
-                            "pool_model_evals": pool.model_evals, "wall_s": data_wall}}
+                            "pool_model_evals": pool.model_evals, "wall_s": data_wall,
+                            "flops_per_sample": sample_flops,
+                            "flops": None if sample_flops is None else sample_flops * int(data.x0.shape[0])}}
     if out is not None and saved is None:
         out.mkdir(parents=True, exist_ok=True)
         _write_tensors(out / "data.safetensors", {**data.tensors(), **(pool.tensors() if len(pool) else {})})
@@ -502,7 +524,8 @@ def _record(full_config: dict, run: _Run, data: GuidanceData, pool: Pool, data_w
             "held_out_loss": None if run.best_step == 0 else run.best_val, "best_step": run.best_step or run.step,
             "held_out_curve": run.val_losses,
             "train_model_evals": data.model_evals + pool.model_evals, "train_reward_evals": data.reward_evals,
-            "train_wall_s": data_wall + run.train_wall}
+            "train_wall_s": data_wall + run.train_wall,
+            "train_flops_per_step": run.step_flops, "train_flops": run.step_flops * run.step}
 
 
 def plot_losses(losses: Sequence[float], path: Path, title: str = "",
