@@ -33,7 +33,7 @@ def _finetune(args: argparse.Namespace) -> int:
     reward = reward_from_spec(args.reward)
     record = finetune(args.model, reward, prompts, config, args.out, resume=args.resume,
                       progress=not args.no_progress, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
-                      cache_dir=args.cache_dir)
+                      cache_dir=args.cache_dir, gradient_checkpointing=args.gradient_checkpointing)
     compute = record["compute"]
     print(f"fine-tuned pipeline written to {args.out} ({record['method']}, {compute['train']['steps']} steps; "
           f"budgets: {', '.join(record['budgets']) or 'none'}); total {compute['total_flops']:.3g} FLOPs "
@@ -78,5 +78,7 @@ def add_finetune_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (less memory, more time; real checkpoints)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_finetune)

@@ -127,14 +127,16 @@ class _Step:
 
 def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], config: FinetuneConfig,
              out: str | os.PathLike, *, resume: bool = False, progress: bool = True, device: str = "cpu",
-             dtype: torch.dtype | None = None, cache_dir: str | None = None) -> dict[str, Any]:
+             dtype: torch.dtype | None = None, cache_dir: str | None = None,
+             gradient_checkpointing: bool = False) -> dict[str, Any]:
     """Fine-tune the pipeline folder (or built-in / cached model) ``model`` and write pipeline
     folders to ``out`` (see the module docstring). Returns the record saved as finetune.json."""
     prompts = [str(p) for p in prompts]
     reward = as_reward(reward)
     out = Path(out)
     base = resolve_model_path(str(model), cache_dir=cache_dir)
-    backend = DiffusersBackend.from_pretrained(str(model), device=device, dtype=dtype, cache_dir=cache_dir)
+    backend = DiffusersBackend.from_pretrained(str(model), device=device, dtype=dtype, cache_dir=cache_dir,
+                                               gradient_checkpointing=gradient_checkpointing)
     _check_inputs(backend, config, reward, prompts)
     wanted = {"config": config.to_json(), "base_model": str(model), "reward": reward_name(reward), "prompts": prompts}
     _prepare_out(out, wanted, resume)
