@@ -111,3 +111,12 @@ def test_guidance_seeds_rerun_the_shipped_recipe():
         args = shipped_recipe(name)
         assert "--out" not in args and "--seed" not in args and "--" in args
         assert args[args.index("--model") + 1] == f"builtin:world-{name}"
+
+
+def test_headline_can_require_kept_fidelity():
+    rows = [_row("onestep", "learned", 0.60, 2e12),
+            dict(_row("diffusion", "finetune-draft", 0.90, 1e12, "finetune", 50), fidelity_change=-0.3),
+            dict(_row("diffusion", "finetune-rwdsm", 0.55, 1e13, "finetune", 100), fidelity_change=-0.02)]
+    assert not headline(rows)["reached"]
+    kept = headline(rows, 0.05)
+    assert kept["best_finetune"]["method"] == "finetune-rwdsm" and kept["ratio"] == pytest.approx(0.2)
