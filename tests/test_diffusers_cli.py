@@ -27,7 +27,7 @@ def test_sample_writes_images_and_record(sd_dir, tmp_path, method, capsys):
     rc = main(["sample", "--model", str(sd_dir), "--prompt", "a cat", "--prompt", "a dog", "--n", "2",
                "--reward", "brightness:1,saturation:0.5", "--method", method, "--beta", "0.05", "--steps", "2",
                "--cfg", "1", "--height", "16", "--width", "16", "--seed", "3", "--eval-reward", "jpeg",
-               "--out", str(out)])
+               "--out", str(out), "--no-progress"])
     assert rc == 0
     record = json.loads((out / "sample.json").read_text())
     assert record["method"] == method and record["family"] == "sd" and len(record["samples"]) == 4
@@ -49,6 +49,13 @@ def test_sample_errors_are_clean(tmp_path, sd_dir, capsys):
     assert main(["sample", "--model", str(sd_dir), "--prompt", "x", "--method", "learned", "--out",
                  str(tmp_path / "o")]) == 2
     assert "--guidance PATH" in capsys.readouterr().err
+    # checked before any model loads: the model named here does not even exist
+    assert main(["sample", "--model", "org/not-here", "--prompt", "x", "--out", "/proc/tiltgen-x"]) == 2
+    assert "cannot write to the output folder /proc/tiltgen-x" in capsys.readouterr().err
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    assert main(["sample", "--model", "org/not-here", "--prompts-file", str(blank), "--out", str(tmp_path / "o")]) == 2
+    assert f"prompts file {blank} holds no prompt" in capsys.readouterr().err
 
 
 def test_train_guidance_then_sample_learned(tmp_path, capsys):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import TiltgenError
-from .sample import DTYPES, prompts_from_args
+from .sample import DTYPES, prompts_from_args, writable_dir
 
 
 def _budgets(text: str | None) -> tuple[int, ...]:
@@ -30,6 +31,7 @@ def _finetune(args: argparse.Namespace) -> int:
                             draft_k=args.draft_k, reg=args.reg, dpo_scale=args.dpo_scale, height=args.height,
                             width=args.width)
     prompts = prompts_from_args(args)
+    writable_dir(Path(args.out))  # before the model loads
     reward = reward_from_spec(args.reward)
     record = finetune(args.model, reward, prompts, config, args.out, resume=args.resume,
                       progress=not args.no_progress, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),

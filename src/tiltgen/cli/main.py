@@ -13,6 +13,7 @@ from .. import __version__
 from ..errors import TiltgenError
 from .calibrate import add_calibrate_parser
 from .finetune import add_finetune_parser
+from .sample import writable_dir
 from .sample import DTYPES, add_sample_parser
 
 
@@ -60,7 +61,7 @@ def _bench_world(args: argparse.Namespace) -> int:
     work = Path(args.work or os.path.join(os.path.expanduser("~"), ".cache", "tiltgen", "bench-world"))
     for target in (args.json, args.plot, args.markdown):
         if target:
-            _writable_dir(Path(target).parent if Path(target).parent != Path("") else Path("."))
+            writable_dir(Path(target).parent if Path(target).parent != Path("") else Path("."))
     result = run_bench(settings, work, progress=not args.no_progress)
     text = markdown(result)
     print(text)
@@ -158,20 +159,6 @@ def _text_to_image_training(args: argparse.Namespace) -> tuple:
     return model, model.schedule, model.latent_reward(reward), config, extra
 
 
-def _writable_dir(path: Path) -> Path:
-    """Create ``path`` (a folder) and check it can be written, before any work is done."""
-    if path.exists() and not path.is_dir():
-        raise TiltgenError(f"output path {path} exists and is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".tiltgen-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise TiltgenError(f"cannot write to the output folder {path}: {error.strerror or error}") from None
-    return path
-
-
 def _demo(args: argparse.Namespace) -> int:
     from ..eval.world_demo import DemoSettings, parse_rows, run_demo
     from ..eval.world_report import summary, fresh_output_dir, measure, table, write_reports
@@ -189,7 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise TiltgenError(f"--best-of must be >= 1, got {args.best_of}")
     settings = DemoSettings(prompts=prompts, prompt_set=prompt_set, n=args.n, beta=args.beta, seed=args.seed,
                             rows=parse_rows(args.rows), timing_repeats=args.timing_repeats, best_of=args.best_of)
-    out = _writable_dir(Path(args.out) if args.out else fresh_output_dir())
+    out = writable_dir(Path(args.out) if args.out else fresh_output_dir())
     start = time.perf_counter()
     results = run_demo(settings, progress=not args.no_progress)
     paths = write_reports(results, settings, out, time.perf_counter() - start)

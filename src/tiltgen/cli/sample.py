@@ -60,7 +60,22 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="save memory in backward passes")
     p.add_argument("--max-sequence-length", type=int, help="SD3/FLUX T5 tokens")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_sample)
+
+
+def writable_dir(path: Path) -> Path:
+    """Create ``path`` (a folder) and check it can be written, before any work is done."""
+    if path.exists() and not path.is_dir():
+        raise TiltgenError(f"output path {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".tiltgen-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise TiltgenError(f"cannot write to the output folder {path}: {error.strerror or error}") from None
+    return path
 
 
 def prompts_from_args(args: argparse.Namespace) -> list[str]:
@@ -69,7 +84,10 @@ def prompts_from_args(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise TiltgenError(f"prompts file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        from_file = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not from_file:
+            raise TiltgenError(f"prompts file {path} holds no prompt (it is empty or has only blank lines)")
+        prompts += from_file
     if not prompts:
         raise TiltgenError("give at least one --prompt or a --prompts-file")
     return prompts
@@ -99,9 +117,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         raise TiltgenError(f"--n must be >= 1, got {args.n}")
     if args.steps is not None and args.steps < 1:
         raise TiltgenError(f"--steps must be >= 1, got {args.steps}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise TiltgenError(f"output path {out} exists and is not a directory")
+    writable_dir(Path(args.out))  # before any model loads: an unwritable --out must not cost the samples
     return prompts
 
 
@@ -199,7 +215,7 @@ def _sample_diffusers(args: argparse.Namespace, prompts: list[str]) -> int:
     estimator = _estimator(args, model, reward)
     start = time.perf_counter()
     result = model.sample(cond, seeds=seeds, steps=steps, sampler=sampler, guidance=estimator,
-                          progress=True)
+                          progress=not args.no_progress)
     record = {
         "command": "sample", "model": str(args.model), "pipeline": type(backend.pipe).__name__,
         "family": backend.family, "prediction": model.prediction, "schedule": model.schedule.config()
