@@ -13,11 +13,11 @@ over images (within prompts) and seeds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,9 +26,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..core.compute import measure
+from ..core.files import atomic_write, write_json
 from ..errors import TiltgenError
 from .oracle import attribute_tv, fraction_of_exact_gain, tilted_statistics, weighted_histograms
-from .world_demo import BINARY_REWARD, DEFAULT_BETA, GOLD_REWARD, GUIDANCE, MODELS, TARGET_REWARD
+from .world_demo import (BINARY_REWARD, CANDIDATE_STRIDE, DEFAULT_BETA, GOLD_REWARD, GUIDANCE, MODELS,
+                         TARGET_REWARD)
+from .world_report import diversity
 
 STAGE_VERSION = 1
 #: sampling-time rows per model (best-of-N and SMC at each particle count are added)
@@ -90,9 +93,7 @@ class StageCache:
         if done.is_file():
             return json.loads(done.read_text())
         result = compute(base)
-        tmp = done.with_name(f".{done.name}.tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, done)
+        write_json(done, result, indent=None)
         return result
 
 
@@ -122,15 +123,6 @@ class Judges:
                     "fidelity": [sum(h.values()) / len(h) if h else None for h in hits], "readings": readings}
 
 
-def diversity(images: Tensor) -> float | None:
-    """Mean pairwise RMS pixel distance [k, 3, H, W]; None for fewer than 2 images."""
-    flat = images.flatten(1).double()
-    k = flat.shape[0]
-    if k < 2:
-        return None
-    return float((torch.cdist(flat, flat) / flat.shape[1] ** 0.5).sum() / (k * (k - 1)))
-
-
 def prompt_record(judges: Judges, images: Tensor, prompt: str) -> dict[str, Any]:
     values = judges.per_image(images, prompt)
     return {"prompt": prompt, "proxy": values["proxy"].tolist(), "gold": values["gold"].tolist(),
@@ -142,7 +134,10 @@ def prompt_record(judges: Judges, images: Tensor, prompt: str) -> dict[str, Any]
 # Stages
 # --------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=8)
 def _load(model: str) -> Any:
+    """The latent model of a pipeline folder, loaded once per run (stages ask for it again to key
+    their cache by its fingerprint, even when their result is already there)."""
     from ..backends.diffusers import DiffusersBackend
 
     return DiffusersBackend.from_pretrained(model).at()
@@ -223,7 +218,7 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
                                  shape=model.latent_shape, cond=[prompt] * k, steps=steps, seed=offset + 7)
                 return model.decode(res.samples)
             if method == "bestofn":
-                seeds = [s + j * 1_000_003 for s in _seeds(k, offset) for j in range(particles)]
+                seeds = [s + j * CANDIDATE_STRIDE for s in _seeds(k, offset) for j in range(particles)]
                 cond = model.encode([prompt] * len(seeds))
                 images = model.sample(cond, seeds=seeds, steps=steps, model=counter).images
                 with torch.no_grad():
@@ -578,7 +573,7 @@ def _flops(value: float | int | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
-    lines = [f"# tiltgen bench world", "",
+    lines = ["# tiltgen bench world", "",
              f"Target `{TARGET_REWARD}` at beta = {settings['beta']}; held-out `{GOLD_REWARD}`; "
              f"{settings['n']} images per held-out prompt ({', '.join(repr(p) for p in settings['prompts'])}); "
              f"fine-tuning: {settings['seeds']} training seed(s), {settings['train_prompts']} training prompts; "
@@ -649,8 +644,6 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -7,18 +7,19 @@ depend on the batch size and a killed run resumes after the last prompt it finis
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..core.compute import measure
+from ..core.files import atomic_write
 from ..core.reward import evaluate_reward
+from ..tilt.learned.data import tilt_weights
 
 SEED_STRIDE = 1_000_003
 
@@ -38,13 +39,7 @@ class BasePool:
 
     def weights(self, beta: float) -> Tensor:
         """exp(r / beta) normalised to mean 1 within each prompt [N] (float64)."""
-        logits = self.reward / beta
-        out = torch.empty_like(logits)
-        for p in torch.unique(self.prompt):
-            mask = self.prompt == p
-            group = logits[mask]
-            out[mask] = torch.softmax(group, 0) * group.numel()
-        return out
+        return tilt_weights(self.reward, self.prompt, beta)
 
     def rows_of(self, p: int) -> Tensor:
         return torch.nonzero(self.prompt == p).flatten()
@@ -55,9 +50,15 @@ def sample_seeds(seed: int, p: int, n: int) -> list[int]:
 
 
 def _save(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, str(p),
+                                           metadata={"meta": json.dumps(meta)}))
+
+
+def _load(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["meta"])
 
 
 def base_pool(model: Any, prompts: Sequence[str], reward: Any, *, n: int, seed: int, steps: int,
@@ -68,11 +69,7 @@ def base_pool(model: Any, prompts: Sequence[str], reward: Any, *, n: int, seed: 
     lat, rew, idx = [], [], []
     meta = {"done": 0, "flops_per_sample": 0, "wall_s": 0.0, "evals_per_sample": 0}
     if path is not None and path.is_file():
-        saved = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["meta"])
+        saved, meta = _load(path)
         lat, rew, idx = [saved["latents"]], [saved["reward"]], [saved["prompt"]]
     bar = tqdm(total=len(prompts) * n, initial=meta["done"] * n, desc="base samples", disable=not progress,
                dynamic_ncols=True)
@@ -81,18 +78,17 @@ def base_pool(model: Any, prompts: Sequence[str], reward: Any, *, n: int, seed: 
         for start in range(0, n, chunk):
             part = seeds[start:start + chunk]
 
-            def draw() -> tuple[Tensor, Tensor]:
+            def draw() -> tuple[Tensor, Tensor, bool]:
                 cond = model.encode([prompts[p]] * len(part))
                 x0 = model.sample(cond, seeds=part, steps=steps, decode=False).latents
                 with torch.no_grad():
-                    return x0, evaluate_reward(latent_reward, x0, cond.prompts).detach().double()
+                    return x0, evaluate_reward(latent_reward, x0, cond.prompts).detach().double(), cond.uses_cfg
 
             cost = measure(draw, count_flops=meta["flops_per_sample"] == 0)
-            x0, r = cost.value
+            x0, r, uses_cfg = cost.value
             if meta["flops_per_sample"] == 0:
                 meta["flops_per_sample"] = cost.flops // len(part)
-                cfg = 2 if model.encode([prompts[p]]).uses_cfg else 1
-                meta["evals_per_sample"] = cfg * steps
+                meta["evals_per_sample"] = (2 if uses_cfg else 1) * steps
             meta["wall_s"] += cost.wall_s
             lat.append(x0.detach().float().cpu())
             rew.append(r.cpu())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from ..backends.diffusers import DiffusersBackend
 from ..backends.diffusers.loading import resolve_model_path
 from ..core.compute import measure, peak_memory
+from ..core.files import atomic_write, write_json
 from ..core.reward import as_reward, reward_name
 from ..errors import TiltgenError
 from .config import FinetuneConfig, differing_keys
@@ -37,12 +37,6 @@ from .losses import dpo_loss, draft_loss, dsm_loss
 from .weights import TrainableDenoiser, write_pipeline
 
 STEP_SEED_STRIDE = 1_000_033
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _check_inputs(backend: Any, config: FinetuneConfig, reward: Any, prompts: Sequence[str]) -> None:
@@ -70,7 +64,7 @@ def _prepare_out(out: Path, wanted: dict[str, Any], resume: bool) -> None:
     elif out.exists() and any(out.iterdir()):
         raise TiltgenError(f"{out} exists and is not a fine-tuning run folder; choose an empty or new --out")
     (out / ".work").mkdir(parents=True, exist_ok=True)
-    _atomic_json(saved_path, wanted)
+    write_json(saved_path, wanted)
 
 
 class _Step:
@@ -158,9 +152,8 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
     one_step = _Step(latent, trainable, config, prompts, reward, pool, steps)
 
     def checkpoint() -> None:
-        tmp = ckpt.with_name(".checkpoint.pt.tmp")
-        torch.save({"trainable": trainable.state_dict(), "optimiser": optimiser.state_dict(), "state": state}, tmp)
-        os.replace(tmp, ckpt)
+        atomic_write(ckpt, lambda p: torch.save({"trainable": trainable.state_dict(),
+                                                 "optimiser": optimiser.state_dict(), "state": state}, p))
 
     def record() -> dict[str, Any]:
         return _record(config, wanted, state, pool, trainable, backend)
@@ -202,7 +195,7 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
     write_pipeline(base, out, backend, trainable, {**final, "steps_done": state["step"]})
     (out / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in state["log"]))
     _plot(state["log"], out / "loss.png", f"{config.method}, beta {config.beta}, {reward_name(reward)}")
-    _atomic_json(out / "finetune.json", final)
+    write_json(out / "finetune.json", final)
     return final
 
 
@@ -244,7 +237,5 @@ def _plot(log: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.set_xlabel("step")
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
+        atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
         plt.close(fig)
-        os.replace(tmp, path)

@@ -26,6 +26,18 @@ from ...core.schedules import Schedule
 from ...errors import TiltgenError
 
 
+def tilt_weights(reward: Tensor, prompt: Tensor, beta: float) -> Tensor:
+    """exp(r / beta) normalised to mean 1 within each condition [N]: exp(r/beta) / mean_c exp(r/beta)."""
+    logits = reward / beta
+    out = torch.empty_like(logits)
+    for p in torch.unique(prompt):
+        mask = prompt == p
+        group = logits[mask]
+        out[mask] = torch.exp(group - (torch.logsumexp(group, 0) - torch.log(torch.tensor(float(group.numel()),
+                                                                                            dtype=group.dtype))))
+    return out
+
+
 @dataclass
 class GuidanceData:
     """Samples of the pretrained model and their rewards (N = conditions x samples each)."""
@@ -41,14 +53,7 @@ class GuidanceData:
 
     def weights(self, beta: float) -> Tensor:
         """Per-condition normalised exp(r/beta) / mean_c exp(r/beta) [N] (mean 1 per condition)."""
-        logits = self.reward / beta
-        out = torch.empty_like(logits)
-        for p in torch.unique(self.prompt):
-            mask = self.prompt == p
-            group = logits[mask]
-            out[mask] = torch.exp(group - (torch.logsumexp(group, 0) - torch.log(torch.tensor(float(group.numel()),
-                                                                                                dtype=group.dtype))))
-        return out
+        return tilt_weights(self.reward, self.prompt, beta)
 
     def tensors(self) -> dict[str, Tensor]:
         out = {"x0": self.x0, "reward": self.reward, "prompt": self.prompt}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...core.compute import measure
+from ...core.files import atomic_write, write_json
 from ...core.model import Model, as_model
 from ...core.reward import Reward, as_reward, reward_name
 from ...core.schedules import Schedule, schedule_from_config
@@ -126,19 +126,9 @@ class TrainResult:
 
 
 # --- atomic file IO -------------------------------------------------------------------------
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(data, indent=2)))
-
-
 def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    _atomic(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
 class Adam:
@@ -501,7 +491,7 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     if out is not None and saved is None:
         out.mkdir(parents=True, exist_ok=True)
         _write_tensors(out / "data.safetensors", {**data.tensors(), **(pool.tensors() if len(pool) else {})})
-        _write_json(out / "config.json", full_config)
+        write_json(out / "config.json", full_config)
     if saved is not None and (out / "checkpoint.safetensors").is_file():  # type: ignore[operator]
         _restore_checkpoint(out / "checkpoint.safetensors", run)  # type: ignore[operator]
     _optimise(run, out, progress, on_step)
@@ -510,7 +500,7 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     record = _record(full_config, run, data, pool, data_wall)
     if out is not None:
         _write_tensors(out / "guidance.safetensors", run.final_weights())
-        _write_json(out / "guidance.json", record)
+        write_json(out / "guidance.json", record)
         plot_losses(run.losses, out / "loss.png", title=f"{record['reward']} beta={config.beta:g} ({config.loss})",
                     held_out=run.val_losses)
     return TrainResult(LearnedGuidance(potential, cond_encoder), record, run.losses)
@@ -549,7 +539,7 @@ def plot_losses(losses: Sequence[float], path: Path, title: str = "",
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return path
 
