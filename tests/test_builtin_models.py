@@ -156,7 +156,7 @@ def test_sample_command_with_learned_guidance_on_a_builtin(tmp_path):
     record = json.loads((out / "sample.json").read_text())
     assert record["steps"] == 1 and len(record["samples"]) == 4
     assert set(record["samples"][0]["terms"]) == {"eval:world-gold", "eval:world-fidelity", "eval:world-binary"}
-    assert len(list(out.glob("*.png"))) == 4
+    assert len(list((out / "images").glob("*.png"))) == 4
 
 
 @pytest.mark.slow

@@ -31,11 +31,11 @@ def test_sample_writes_images_and_record(sd_dir, tmp_path, method, capsys):
     assert rc == 0
     record = json.loads((out / "sample.json").read_text())
     assert record["method"] == method and record["family"] == "sd" and len(record["samples"]) == 4
-    assert [s["seed"] for s in record["samples"]] == [3, 4, 5, 6]
+    assert [s["seed"] for s in record["samples"]] == [3, 4, 1_000_003, 1_000_004]  # seed + 1e6 * prompt + sample
     assert all(isinstance(s["reward"], float) for s in record["samples"])
     assert set(record["samples"][0]["terms"]) == {"brightness", "saturation", "eval:jpeg"}
     assert all((out / s["file"]).is_file() for s in record["samples"])
-    assert "images written" in capsys.readouterr().out
+    assert "4 images in" in capsys.readouterr().out
 
 
 def test_sample_errors_are_clean(tmp_path, sd_dir, capsys):

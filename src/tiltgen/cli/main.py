@@ -74,6 +74,26 @@ def _bench_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_sampling(args: argparse.Namespace) -> int:
+    from ..eval.sampling_bench import run_sampling_bench, sampling_markdown
+
+    try:
+        processes = tuple(int(p) for p in args.processes)
+    except ValueError:
+        raise TiltgenError(f"--processes must be comma-separated integers, got {','.join(args.processes)}") from None
+    if args.prompts < 1 or args.n < 1 or args.repeats < 1 or min(processes) < 1:
+        raise TiltgenError("--prompts, --n, --repeats and every --processes count must be >= 1")
+    if args.json:
+        writable_dir(Path(args.json).parent if Path(args.json).parent != Path("") else Path("."))
+    result = run_sampling_bench(model=args.model, prompts=args.prompts, n=args.n, processes=processes,
+                                repeats=args.repeats, batch_size=args.batch_size, reward=args.reward or None,
+                                progress=not args.no_progress)
+    print(sampling_markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: str,
                   times: tuple[float, ...] | None, data_dtype: str, net: dict | None = None,
                   data_steps: int | None = None) -> "TrainConfig":
@@ -333,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--markdown", help="write the table to this Markdown file")
     world.add_argument("--no-progress", action="store_true")
     world.set_defaults(func=_bench_world)
+    sampling = benches.add_parser("sampling", help="throughput of tiltgen sample --prompts in 1 and N processes",
+                                  description="Run `tiltgen sample --prompts` over a prompt file in one process and "
+                                              "under torchrun with N (interleaved repeats, fastest kept) and report "
+                                              "images/s, the speed-up, and the manifest and resume bookkeeping as a "
+                                              "share of the sampling time.")
+    sampling.add_argument("--model", default="builtin:world-onestep")
+    sampling.add_argument("--prompts", type=int, default=100, help="number of prompts")
+    sampling.add_argument("--n", type=int, default=1, help="images per prompt")
+    sampling.add_argument("--processes", type=_csv, default=["1", "2"], help="comma-separated process counts")
+    sampling.add_argument("--repeats", type=int, default=3)
+    sampling.add_argument("--batch-size", type=int, default=8)
+    sampling.add_argument("--reward", default="world-proxy", help="reward scored per image ('' for none)")
+    sampling.add_argument("--json", help="write the results to this JSON file")
+    sampling.add_argument("--no-progress", action="store_true")
+    sampling.set_defaults(func=_bench_sampling)
     _add_train_guidance(commands)
     add_calibrate_parser(commands)
     add_finetune_parser(commands)

@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from ..core.prompts import PromptRow, read_prompt_file
 from ..errors import TiltgenError
-
 from ..eval.estimators import METHODS
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16"}
 
@@ -21,13 +22,17 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
         "sample", help="sample a text-to-image model with reward guidance",
         description="Generate images from a diffusers pipeline (SD, SD-Turbo, SDXL, SDXL-Turbo, SD3, FLUX, or a "
                     "built-in model: builtin:world-diffusion, builtin:world-onestep, builtin:world-flow) "
-                    "tilted towards a reward: p*(x|c) ~ p(x|c) exp(r(x,c)/beta). Saves PNGs and sample.json "
-                    "(every setting needed to reproduce them).")
+                    "tilted towards a reward: p*(x|c) ~ p(x|c) exp(r(x,c)/beta). Writes images/*.png, a manifest "
+                    "(one row per image: prompt, seed, method, beta, rewards, path; parquet with pyarrow, else "
+                    "JSONL) and sample.json. A killed run resumes when rerun; runs unchanged under torchrun or "
+                    "accelerate launch with several processes, each making its share of the images.")
     p.add_argument("--model", required=True,
                    help="builtin:<name>, a diffusers save_pretrained folder or a model id "
                         "in the local HF cache")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="text file, one prompt per line")
+    p.add_argument("--prompts", "--prompts-file", dest="prompts_file", metavar="FILE",
+                   help="prompt file: .txt (one per line), .jsonl ('prompt', optional 'seed', 'negative_prompt' "
+                        "and fields passed to rewards as prompt.fields) or .csv (same columns)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--reward", help="reward spec, e.g. 'pickscore:1.0,aesthetic(head=/w/head.pth):0.5'")
     p.add_argument("--eval-reward", help="held-out rewards, only evaluated and reported (same spec syntax)")
@@ -52,10 +57,20 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
                    help="ddim (default: the pipeline's own update), euler, heun, ddpm, sde")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--n", "--images-per-prompt", dest="n", type=int, default=1,
+                   help="images per prompt (under torchrun write --images-per-prompt: torchrun reads --n as its own)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="global seed: image j of prompt i uses seed + 1000000*i + j (a prompt file row's own "
+                        "'seed' s: s + j), whatever the batch size or number of processes")
+    p.add_argument("--batch-size", type=int, default=8, help="images per model batch (does not change the images)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ... (default: this process's GPU under a launcher, else cuda if "
+                        "available, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads per process (default: $OMP_NUM_THREADS, else cores / local processes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the images of another run in --out (by default a different run there is refused)")
     p.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="save memory in backward passes")
     p.add_argument("--max-sequence-length", type=int, help="SD3/FLUX T5 tokens")
@@ -70,7 +85,7 @@ def writable_dir(path: Path) -> Path:
         raise TiltgenError(f"output path {path} exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".tiltgen-write-test"
+        probe = path / f".tiltgen-write-test-{os.getpid()}"  # one per process: several may check at once
         probe.write_text("")
         probe.unlink()
     except OSError as error:
@@ -78,19 +93,18 @@ def writable_dir(path: Path) -> Path:
     return path
 
 
-def prompts_from_args(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt or [])
+def prompt_rows_from_args(args: argparse.Namespace) -> list[PromptRow]:
+    """The --prompt prompts, then the prompts file's rows (.txt, .jsonl or .csv)."""
+    rows = [PromptRow(p) for p in (args.prompt or [])]
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise TiltgenError(f"prompts file {path} does not exist")
-        from_file = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not from_file:
-            raise TiltgenError(f"prompts file {path} holds no prompt (it is empty or has only blank lines)")
-        prompts += from_file
-    if not prompts:
-        raise TiltgenError("give at least one --prompt or a --prompts-file")
-    return prompts
+        rows += read_prompt_file(args.prompts_file)
+    if not rows:
+        raise TiltgenError("give at least one --prompt or a --prompts file")
+    return rows
+
+
+def prompts_from_args(args: argparse.Namespace) -> list[str]:
+    return [row.prompt for row in prompt_rows_from_args(args)]
 
 
 def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
@@ -106,19 +120,19 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     return estimator
 
 
-def _check_args(args: argparse.Namespace) -> list[str]:
-    """Validate everything that can be checked before loading a model; the prompts."""
-    prompts = prompts_from_args(args)
+def _check_args(args: argparse.Namespace) -> list[PromptRow]:
+    """Validate everything that can be checked before loading a model; the prompt rows."""
+    rows = prompt_rows_from_args(args)
     if args.method in ("tweedie", "trainingfree") and not args.reward:  # fail before loading gigabytes
         raise TiltgenError(f"--method {args.method} needs --reward")
     if args.method == "learned" and not args.guidance:
         raise TiltgenError("--method learned needs --guidance PATH (a folder written by train-guidance)")
-    if args.n < 1:
-        raise TiltgenError(f"--n must be >= 1, got {args.n}")
-    if args.steps is not None and args.steps < 1:
-        raise TiltgenError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("n", "batch_size", "steps", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise TiltgenError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     writable_dir(Path(args.out))  # before any model loads: an unwritable --out must not cost the samples
-    return prompts
+    return rows
 
 
 def load_rewards(spec: str | None, eval_spec: str | None) -> tuple[Any, dict[str, Any]]:
@@ -149,82 +163,129 @@ def score_images(reward: Any, held_out: dict[str, Any], images: Any, prompts: li
     return rewards, terms
 
 
-def save_pngs(out: Path, images: Any, seeds: list[int], upscale: int = 1) -> list[str]:
-    """One PNG per image [N, 3, H, W] in [0, 1], named by index and seed."""
-    import torch
-    from PIL import Image
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, img in enumerate(images):
-        arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        picture = Image.fromarray(arr)
-        if upscale > 1:
-            picture = picture.resize((arr.shape[1] * upscale, arr.shape[0] * upscale), Image.NEAREST)
-        name = f"{i:04d}_seed{seeds[i]}.png"
-        picture.save(out / name)
-        files.append(name)
-    return files
+# settings that change the images or their scores; a rerun into the same --out must match them
+JOB_KEYS = ("model", "method", "reward", "eval_reward", "beta", "scale", "t_window", "guidance", "data_var", "variant",
+            "steps", "cfg", "true_cfg", "sampler", "height", "width", "n", "seed", "dtype", "negative_prompt",
+            "max_sequence_length")
 
 
-def _finish(args: argparse.Namespace, out: Path, record: dict, images: Any, prompts: list[str], seeds: list[int],
-            reward: Any, held_out: dict[str, Any], upscale: int = 1) -> int:
-    rewards, terms = score_images(reward, held_out, images, prompts)
-    files = save_pngs(out, images, seeds, upscale)
-    record.update({
-        "method": args.method, "reward": args.reward, "beta": args.beta, "scale": args.scale,
-        "t_window": args.t_window, "guidance": args.guidance, "variant": args.variant, "seed": args.seed,
-        "eval_reward": args.eval_reward, "n_per_prompt": args.n, "device": args.device,
-        "samples": [{"file": f, "prompt": p, "seed": s, "reward": None if rewards is None else rewards[i],
-                     "terms": {k: v[i] for k, v in terms.items()}}
-                    for i, (f, p, s) in enumerate(zip(files, prompts, seeds))],
-        "mean_reward": None if rewards is None else sum(rewards) / len(rewards),
-        "mean_terms": {k: sum(v) / len(v) for k, v in terms.items()}})
-    (out / "sample.json").write_text(json.dumps(record, indent=2))
-    summary = "" if rewards is None else f"; mean reward {record['mean_reward']:.4f}"
-    print(f"{len(files)} images written to {out} ({record['wall_s']:.1f} s{summary}); settings in {out / 'sample.json'}")
-    return 0
+def job_config(args: argparse.Namespace, rows: list[PromptRow]) -> dict[str, Any]:
+    from ..eval.sample_job import prompts_digest
+
+    config = {key: getattr(args, key, None) for key in JOB_KEYS}
+    config["t_window"] = list(config["t_window"]) if config["t_window"] else None
+    return {**config, "prompts": len(rows), "prompts_digest": prompts_digest(rows)}
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    prompts = _check_args(args)
-    return _sample_diffusers(args, prompts)
+    from ..core.distributed import join_processes, set_threads
+    from ..eval.sample_job import prepare_output
+
+    rows = _check_args(args)
+    processes = join_processes(args.device)
+    set_threads(processes.local_world_size, args.threads)
+    out = Path(args.out)
+    config = job_config(args, rows)
+    state = prepare_output(out, config, overwrite=args.overwrite)
+    if state == "complete":
+        if processes.is_main:
+            print(f"{out} already holds this run's {config['prompts'] * args.n} images (same settings); nothing to do")
+        return 0
+    processes.wait()  # every process has checked the folder before the main one changes it
+    try:
+        return _sample_diffusers(args, rows, config, state, processes)
+    except KeyboardInterrupt:
+        if processes.is_main:
+            print(f"interrupted; the finished images are kept in {out}: rerun the same command to resume")
+        return 130
 
 
-def _sample_diffusers(args: argparse.Namespace, prompts: list[str]) -> int:
+def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: dict[str, Any], state: str,
+                      processes: Any) -> int:
     import torch
 
     from ..backends.diffusers import DiffusersBackend
+    from ..core.files import write_json
+    from ..eval.sample_job import (WORK, _remove_tree, plan_items, remove_stale_images, run_job, start_output,
+                                   write_manifest)
 
+    out = Path(args.out)
+    if processes.is_main:
+        start_output(out, config, state)
+    processes.wait()
     reward, held_out = load_rewards(args.reward, args.eval_reward)
     dtype = getattr(torch, DTYPES[args.dtype])
-    backend = DiffusersBackend.from_pretrained(args.model, dtype=dtype, device=args.device, cache_dir=args.cache_dir,
+    backend = DiffusersBackend.from_pretrained(args.model, dtype=dtype, device=processes.device,
+                                               cache_dir=args.cache_dir,
                                                gradient_checkpointing=args.gradient_checkpointing)
-    backend.check_prompts(prompts)
-    if args.negative_prompt:
-        backend.check_prompts([args.negative_prompt])
+    backend.check_prompts([row.text for row in rows])
+    negatives = sorted({n for n in [args.negative_prompt] + [row.negative_prompt for row in rows] if n})
+    if negatives:
+        backend.check_prompts(negatives)
     model = backend.at(args.height, args.width, guidance_scale=args.cfg)
-    all_prompts = [p for p in prompts for _ in range(args.n)]
-    seeds = [args.seed + i for i in range(len(all_prompts))]
     extra = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
     if backend.family == "flux":
         extra["true_cfg_scale"] = args.true_cfg
-    cond = model.encode(all_prompts, args.negative_prompt, guidance_scale=args.cfg, **extra)
     steps = args.steps or backend.default_steps
     sampler = args.sampler or "ddim"
     estimator = _estimator(args, model, reward)
+    shared: dict[str, Any] = {}
+
+    def sample(chunk: list) -> Any:
+        chunk_negatives = [item.negative_prompt for item in chunk]
+        cond = model.encode([item.prompt for item in chunk],
+                            None if not any(chunk_negatives) else [n or "" for n in chunk_negatives],
+                            guidance_scale=args.cfg, **extra)
+        result = model.sample(cond, seeds=[item.seed for item in chunk], steps=steps, sampler=sampler,
+                              guidance=estimator, progress=False)
+        shared.setdefault("times", [float(t) for t in result.times])
+        shared.setdefault("cfg", cond.cfg_scale)
+        return result.images
+
+    def score(images: Any, chunk: list) -> Any:
+        return score_images(reward, held_out, images, [item.prompt for item in chunk])
+
+    items = plan_items(rows, args.n, args.seed, args.negative_prompt)
+    if state == "resume" and processes.is_main:
+        print(f"resuming the unfinished run in {out}")
+    upscale = max(1, 256 // max(model.height, model.width))  # tiny (built-in) images are saved enlarged
+    info = {"method": args.method, "beta": args.beta, "scale": args.scale}
     start = time.perf_counter()
-    result = model.sample(cond, seeds=seeds, steps=steps, sampler=sampler, guidance=estimator,
-                          progress=not args.no_progress)
+    job = run_job(out, items, batch_size=args.batch_size, sample=sample, score=score, row_info=info,
+                  processes=processes, upscale=upscale, progress=not args.no_progress)
+    wall = time.perf_counter() - start
+    if not processes.is_main:
+        return 0
+    start = time.perf_counter()
+    manifest = write_manifest(out, job.rows)
+    job.timings["manifest_s"] = time.perf_counter() - start
+    removed = remove_stale_images(out, {row["image"] for row in job.rows})
+    rewards = [row["reward"] for row in job.rows if row["reward"] is not None]
+    term_names = [k for k in job.rows[0] if k.startswith("eval:") or k in getattr(reward, "last_terms", {})]
     record = {
-        "command": "sample", "model": str(args.model), "pipeline": type(backend.pipe).__name__,
+        "command": "sample", "job": config, "model": str(args.model), "pipeline": type(backend.pipe).__name__,
         "family": backend.family, "prediction": model.prediction, "schedule": model.schedule.config()
         if backend.family in ("sd3", "flux") else {"name": "vp-discrete", "num_train_timesteps":
                                                     model.schedule.num_train_timesteps},
         "height": model.height, "width": model.width, "steps": steps, "sampler": sampler,
-        "times": [float(t) for t in result.times], "cfg": cond.cfg_scale, "cfg_arg": args.cfg,
+        "times": shared.get("times"), "cfg": shared.get("cfg"), "cfg_arg": args.cfg,
         "true_cfg": args.true_cfg, "negative_prompt": args.negative_prompt, "data_var": args.data_var,
         "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
-        "wall_s": time.perf_counter() - start}
-    upscale = max(1, 256 // max(model.height, model.width))  # tiny (built-in) images are saved enlarged
-    return _finish(args, Path(args.out), record, result.images, all_prompts, seeds, reward, held_out, upscale)
+        "method": args.method, "reward": args.reward, "beta": args.beta, "scale": args.scale,
+        "t_window": args.t_window, "guidance": args.guidance, "variant": args.variant, "seed": args.seed,
+        "eval_reward": args.eval_reward, "n_per_prompt": args.n, "device": processes.device,
+        "processes": processes.world_size, "batch_size": args.batch_size, "wall_s": wall,
+        "images_made": job.made_images, "images_resumed": job.resumed_images,
+        "timings_main_process": job.timings, "manifest": manifest.name,
+        "mean_reward": sum(rewards) / len(rewards) if rewards else None,
+        "mean_terms": {k: sum(row[k] for row in job.rows) / len(job.rows) for k in term_names},
+        "samples": [{"file": row["image"], "prompt": row["prompt"], "seed": row["seed"], "reward": row["reward"],
+                     "terms": {k: row[k] for k in term_names}} for row in job.rows]}
+    write_json(out / "sample.json", record)
+    _remove_tree(out / WORK)
+    summary = "" if record["mean_reward"] is None else f"; mean reward {record['mean_reward']:.4f}"
+    resumed = f"; {job.resumed_images} kept from the interrupted run" if job.resumed_images else ""
+    stale = f"; {removed} stale images of a replaced run removed" if removed else ""
+    print(f"{len(job.rows)} images in {out / 'images'} ({wall:.1f} s{summary}{resumed}{stale}); "
+          f"manifest {out / manifest.name}, settings {out / 'sample.json'}")
+    return 0

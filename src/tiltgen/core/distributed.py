@@ -1,0 +1,94 @@
+"""Processes of one job: a plain process, or several launched by ``torchrun`` / ``accelerate launch``.
+
+Several processes are joined through ``accelerate``'s ``PartialState`` (NCCL on GPUs, gloo on
+CPUs); a plain process needs no ``accelerate`` at all. Each process also gets its share of the
+machine's cores, so N processes on one machine do not oversubscribe it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+THREADS_ENV = "TILTGEN_THREADS"
+
+
+@dataclass
+class Processes:
+    """This process's place in the job: ``rank`` of ``world_size``, ``local_world_size`` on this
+    machine, and the ``device`` it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: str = "cpu"
+    state: Any = None  # accelerate's PartialState when there are several processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def wait(self) -> None:
+        """Barrier: every process reaches this point before any goes on."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def mine(self, items: list) -> list:
+        """The items this process handles: every ``world_size``-th, starting at ``rank``."""
+        return items[self.rank::self.world_size]
+
+
+def launched_processes() -> int:
+    """The number of processes the launcher started (1 for a plain run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join_processes(device: str | None = None) -> Processes:
+    """This process's :class:`Processes`; under a launcher with several processes, joins them.
+
+    ``device`` None picks the launcher's device for this process (``cuda:<local rank>`` when
+    GPUs are there), else the CPU; an explicit device is kept.
+    """
+    if launched_processes() <= 1:
+        return Processes(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from accelerate import PartialState
+
+    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(state.num_processes)))
+    return Processes(rank=state.process_index, world_size=state.num_processes, local_world_size=local,
+                     device=device or str(state.device), state=state)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_process(local_world_size: int, requested: int | None = None) -> int:
+    """Intra-op threads for one of ``local_world_size`` processes on this machine: ``requested``
+    (or $TILTGEN_THREADS, or $OMP_NUM_THREADS, which launchers such as torchrun set) when given,
+    else this machine's cores / processes."""
+    if requested is None and os.environ.get(THREADS_ENV):
+        requested = int(os.environ[THREADS_ENV])
+    if requested is None and os.environ.get("OMP_NUM_THREADS"):
+        requested = int(os.environ["OMP_NUM_THREADS"])
+    if requested is not None:
+        return max(1, requested)
+    return max(1, available_cores() // max(1, local_world_size))
+
+
+def set_threads(local_world_size: int, requested: int | None = None) -> int:
+    """Set torch's intra-op threads to :func:`threads_per_process`; returns the count."""
+    threads = threads_per_process(local_world_size, requested)
+    torch.set_num_threads(threads)
+    return threads
