@@ -108,6 +108,7 @@ def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: 
 
 
 def _train_guidance(args: argparse.Namespace) -> int:
+    from ..core.distributed import join_processes, set_threads
     from ..tilt.learned import train_guidance
 
     if (args.case is None) == (args.model is None):
@@ -117,12 +118,26 @@ def _train_guidance(args: argparse.Namespace) -> int:
         raise TiltgenError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.resume:
         raise TiltgenError(f"{out} is not empty; pass --resume to continue that run, or choose a new directory")
+    processes = join_processes(args.device)
+    set_threads(processes.local_world_size, args.threads)
+    args.device = processes.device
+    processes.wait()  # every process has checked --out before any writes to it
+    writable_dir(out)
     if args.model is not None:
         model, schedule, reward, config, extra = _text_to_image_training(args)
     else:
         model, schedule, reward, config, extra = _analytic_training(args)
-    result = train_guidance(model, schedule, reward, config, out_dir=out, resume=args.resume,
-                            data_from=args.data_from, progress=not args.no_progress, **extra)
+    try:
+        result = train_guidance(model, schedule, reward, config, out_dir=out, resume=args.resume,
+                                data_from=args.data_from, progress=not args.no_progress, processes=processes,
+                                **extra)
+    except KeyboardInterrupt:
+        if processes.is_main:
+            print(f"interrupted; the finished data batches and the last checkpoint are kept in {out}: rerun the same "
+                  "command with --resume to continue", file=sys.stderr)
+        raise
+    if not processes.is_main:
+        return 0
     rec = result.record
     print(f"trained {rec['steps']} steps: final loss {rec['final_loss']:.4f}; data {rec['data_size']} samples; "
           f"{rec['train_model_evals']} model evals, {rec['train_reward_evals']} reward evals, "
@@ -276,7 +291,11 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--height", type=int)
     train.add_argument("--width", type=int)
     train.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="with --model")
-    train.add_argument("--device", default="cpu")
+    train.add_argument("--device", default=None,
+                       help="cpu, cuda, ... (default: this process's GPU under a launcher, else cuda if available, "
+                            "else cpu)")
+    train.add_argument("--threads", type=int, default=None,
+                       help="intra-op CPU threads per process (default: $OMP_NUM_THREADS, else cores / local processes)")
     train.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")
     train.add_argument("--out", required=True, help="output directory (checkpoints, guidance.json, loss.png)")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")

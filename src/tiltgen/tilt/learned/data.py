@@ -62,50 +62,81 @@ class GuidanceData:
         return out
 
 
+DataUnit = tuple[int, int, int]  # (condition index, first sample, end): one batch of data generation
+
+
+def data_units(n_conditions: int, n: int, chunk: int = 4096) -> list[DataUnit]:
+    """The batches of data generation, condition by condition, in their fixed order."""
+    return [(p, start, min(n, start + chunk)) for p in range(n_conditions) for start in range(0, n, chunk)]
+
+
+def generate_unit(model: Model, schedule: Schedule, reward: Reward, unit: DataUnit, cond: Any, *,
+                  shape: Sequence[int], n: int, sampler: str, steps: int, spacing: str, seed: int,
+                  trajectory: bool, dtype: torch.dtype, count_flops: bool = False) -> dict[str, Any]:
+    """One batch of samples with rewards: x0, reward, prompt (and states, times), plus
+    ``flops_per_sample`` when ``count_flops``. Seeds depend on the unit only."""
+    p, first, end = unit
+    seeds = list(range(seed + p * n + first, seed + p * n + end))
+    recorded: list[Tensor] = []
+    step_times: list[float] = []
+
+    def record(info: StepInfo) -> None:
+        recorded.append(info.x.detach().clone())
+        step_times.append(info.t)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        x0 = sample(model, schedule, shape=shape, seeds=seeds, cond=cond, steps=steps, sampler=sampler,
+                    spacing=spacing, dtype=dtype, progress=False, callback=record if trajectory else None)
+        return x0, evaluate_reward(reward, x0, cond).detach().to(torch.float64)
+
+    flops = None
+    if count_flops:  # counting slows every op down: done on one batch only
+        cost = measure(draw)
+        (x0, r), flops = cost.value, cost.flops // len(seeds)
+    else:
+        x0, r = draw()
+    out: dict[str, Any] = {"x0": x0.detach(), "reward": r, "prompt": torch.full((len(seeds),), p, dtype=torch.long),
+                           "flops_per_sample": flops}
+    if trajectory:
+        out["states"] = torch.stack(recorded)
+        out["times"] = torch.tensor(step_times, dtype=torch.float64)
+    return out
+
+
+def join_units(parts: Sequence[dict[str, Any]], *, sampler: str, steps: int) -> GuidanceData:
+    """The data of every unit, in unit order, as one GuidanceData."""
+    total = sum(int(part["x0"].shape[0]) for part in parts)
+    trajectory = "states" in parts[0]
+    flops = next((part["flops_per_sample"] for part in parts if part.get("flops_per_sample")), None)
+    return GuidanceData(torch.cat([part["x0"] for part in parts]), torch.cat([part["reward"] for part in parts]),
+                        torch.cat([part["prompt"] for part in parts]),
+                        torch.cat([part["states"] for part in parts], 1) if trajectory else None,
+                        parts[0]["times"] if trajectory else None,
+                        model_evals=total * evals_per_sample(sampler, steps), reward_evals=total,
+                        flops_per_sample=flops)
+
+
 def generate_data(model: Model, schedule: Schedule, reward: Reward, *, shape: Sequence[int], n: int,
                   conditions: Sequence[Any] | None = None, sampler: str = "heun", steps: int = 50,
                   spacing: str = "uniform", seed: int = 0, trajectory: bool = False, chunk: int = 4096,
                   dtype: torch.dtype = torch.float32, progress: bool = True) -> GuidanceData:
     """``n`` samples per condition (``conditions=None``: one unconditional group), with rewards."""
+    check_data_size(n)
+    conds = [None] if conditions is None else list(conditions)
+    parts = []
+    bar = tqdm(total=len(conds) * n, desc="guidance data", disable=not progress, leave=False)
+    for unit in data_units(len(conds), n, chunk):
+        parts.append(generate_unit(model, schedule, reward, unit, conds[unit[0]], shape=shape, n=n, sampler=sampler,
+                                   steps=steps, spacing=spacing, seed=seed, trajectory=trajectory, dtype=dtype,
+                                   count_flops=not parts))
+        bar.update(unit[2] - unit[1])
+    bar.close()
+    return join_units(parts, sampler=sampler, steps=steps)
+
+
+def check_data_size(n: int) -> None:
     if n < 2:
         raise TiltgenError(f"need at least 2 samples per condition to normalise the weights, got {n}")
-    conds = [None] if conditions is None else list(conditions)
-    xs, rs, ps, states, times = [], [], [], [], None
-    flops_per_sample: int | None = None
-    bar = tqdm(total=len(conds) * n, desc="guidance data", disable=not progress, leave=False)
-    for p, cond in enumerate(conds):
-        for start in range(0, n, chunk):
-            seeds = list(range(seed + p * n + start, seed + p * n + min(n, start + chunk)))
-            recorded: list[Tensor] = []
-            step_times: list[float] = []
-
-            def record(info: StepInfo) -> None:
-                recorded.append(info.x.detach().clone())
-                step_times.append(info.t)
-
-            def draw() -> tuple[Tensor, Tensor]:
-                x0 = sample(model, schedule, shape=shape, seeds=seeds, cond=cond, steps=steps, sampler=sampler,
-                            spacing=spacing, dtype=dtype, progress=False, callback=record if trajectory else None)
-                return x0, evaluate_reward(reward, x0, cond).detach().to(torch.float64)
-
-            if flops_per_sample is None:  # the first batch only: counting slows every op down
-                cost = measure(draw)
-                (x0, r), flops_per_sample = cost.value, cost.flops // len(seeds)
-            else:
-                x0, r = draw()
-            xs.append(x0.detach())
-            rs.append(r)
-            ps.append(torch.full((len(seeds),), p, dtype=torch.long))
-            if trajectory:
-                states.append(torch.stack(recorded))
-                times = torch.tensor(step_times, dtype=torch.float64)
-            bar.update(len(seeds))
-    bar.close()
-    total = len(conds) * n
-    return GuidanceData(torch.cat(xs), torch.cat(rs), torch.cat(ps),
-                        torch.cat(states, 1) if trajectory else None, times,
-                        model_evals=total * evals_per_sample(sampler, steps), reward_evals=total,
-                        flops_per_sample=flops_per_sample)
 
 
 @dataclass

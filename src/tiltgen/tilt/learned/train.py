@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,17 +28,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...core.compute import measure
+from ...core.distributed import Processes
 from ...core.files import atomic_write, write_json
 from ...core.model import Model, as_model
 from ...core.reward import Reward, as_reward, reward_name
 from ...core.schedules import Schedule, schedule_from_config
 from ...errors import TiltgenError, check_beta, check_choice
-from .data import GuidanceData, Pool, build_pool, generate_data, noised_states, split_rows, training_times
+from .data import (GuidanceData, Pool, build_pool, check_data_size, data_units, generate_data, generate_unit,
+                   join_units, noised_states, split_rows, training_times)
 from .losses import LOSSES, consistency_loss, tilt_loss
 from .networks import build_network
 from .potential import CondEncoder, GuidancePotential, LearnedGuidance
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SHARDS = "data-shards"  # finished batches of data generation, kept until data.safetensors is written
 VAL_DRAWS = 8  # noised states per held-out sample (fixed, so the held-out loss is comparable across steps)
 # TrainConfig keys that decide the generated samples and rewards (data can be reused when they match)
 DATA_KEYS = ("n_data", "sampler", "data_steps", "spacing", "seed", "trajectory", "data_dtype")
@@ -179,8 +183,14 @@ class _Run:
 
     def __init__(self, config: TrainConfig, potential: GuidancePotential, pool: Pool, data: GuidanceData,
                  embeddings: Tensor | None, schedule: Schedule, times: Tensor, train_rows: Tensor,
-                 held_rows: Tensor):
+                 held_rows: Tensor, processes: Processes | None = None):
         self.config = config
+        self.processes = processes or Processes()
+        if config.batch_size % self.processes.world_size:
+            raise TiltgenError(f"batch size {config.batch_size} does not split evenly over "
+                               f"{self.processes.world_size} processes")
+        # each process draws its share of the global minibatch from its own stream
+        self.local_batch = config.batch_size // self.processes.world_size
         self.step_flops = 0  # FLOPs of one training step, measured on the first step run
         self.potential = potential
         self.pool = pool
@@ -192,7 +202,7 @@ class _Run:
         self.weights = data.weights(config.beta)
         self.held = self._held_out_states(held_rows)
         self.opt = Adam(list(potential.parameters()), lr=config.lr)
-        self.rng = torch.Generator().manual_seed(config.seed + 1)
+        self.rng = torch.Generator().manual_seed(config.seed + 1 + 7919 * self.processes.rank)
         self.step = 0
         self.losses: list[float] = []
         self.val_losses: list[tuple[int, float]] = []
@@ -249,11 +259,11 @@ class _Run:
         cfg, pool = self.config, self.pool
         dtype = self.potential.dtype
         if cfg.fresh_noise:  # an endless pool: each step noises training samples afresh
-            rows = self.train_rows[torch.randint(0, self.train_rows.numel(), (cfg.batch_size,), generator=self.rng)]
+            rows = self.train_rows[torch.randint(0, self.train_rows.numel(), (self.local_batch,), generator=self.rng)]
             x, t = noised_states(self.data.x0[rows], self.schedule, self.times, self.rng)
             x, w, prompt = x.to(dtype), self.weights[rows].to(dtype), self.data.prompt[rows]
         else:
-            idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=self.rng)
+            idx = torch.randint(0, len(pool), (self.local_batch,), generator=self.rng)
             x, t, w, prompt = pool.x_t[idx].to(dtype), pool.t[idx], pool.w[idx].to(dtype), pool.prompt[idx]
         emb = self.embeddings[prompt] if self.embeddings is not None else None
         if cfg.eta > 0:
@@ -267,9 +277,25 @@ class _Run:
         self.opt.lr = self.lr_at(self.step)
         self.opt.zero_grad()
         loss.backward()
+        loss = self._average_over_processes(loss.detach())
         self.opt.step()
         self.step += 1
-        return float(loss.detach())
+        return float(loss)
+
+    def _average_over_processes(self, loss: Tensor) -> Tensor:
+        """Mean gradients and loss over the processes (one all-reduce), as one global minibatch."""
+        if not self.processes.distributed:
+            return loss
+        from accelerate.utils import reduce
+
+        params = [q for q in self.potential.parameters() if q.grad is not None]
+        flat = torch.cat([q.grad.reshape(-1) for q in params] + [loss.reshape(1).to(params[0].grad.dtype)])
+        flat = reduce(flat, reduction="mean")
+        offset = 0
+        for q in params:
+            q.grad.copy_(flat[offset:offset + q.grad.numel()].view_as(q.grad))
+            offset += q.grad.numel()
+        return flat[-1]
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"net.{k}": v for k, v in self.potential.net.state_dict().items()}
@@ -277,19 +303,28 @@ class _Run:
             out.update({f"best.{k}": v for k, v in self.best.items()})
         out.update(self.opt.tensors())
         out["rng"] = self.rng.get_state()
+        if self.processes.distributed:  # every process's minibatch stream (a collective: all must call)
+            from accelerate.utils import gather_object
+
+            for rank, state in enumerate(gather_object([self.rng.get_state()])):
+                out[f"rng.{rank}"] = state
         return out
 
     def state_meta(self) -> dict[str, str]:
         return {"step": str(self.step), "losses": json.dumps(self.losses), "train_wall": repr(self.train_wall),
                 "val_losses": json.dumps(self.val_losses), "best_val": repr(self.best_val),
-                "best_step": str(self.best_step)}
+                "best_step": str(self.best_step), "processes": str(self.processes.world_size)}
 
     def restore(self, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
         self.potential.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
         self.best = best or None
+        saved_processes = int(meta.get("processes", "1"))
+        if saved_processes != self.processes.world_size:
+            raise TiltgenError(f"cannot resume: the checkpoint was written by {saved_processes} process(es), this run "
+                               f"has {self.processes.world_size}; resume with the same number")
         self.opt.load(tensors)
-        self.rng.set_state(tensors["rng"])
+        self.rng.set_state(tensors[f"rng.{self.processes.rank}" if self.processes.distributed else "rng"])
         self.step = int(meta["step"])
         self.losses = json.loads(meta["losses"])
         self.train_wall = float(meta["train_wall"])
@@ -303,15 +338,77 @@ def _describe(obj: Any) -> str:
     return str(name) if name is not None else type(obj).__name__
 
 
-def _check_resume_dir(out_dir: Path | None, config: TrainConfig) -> dict:
+def _differing(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _check_resume_dir(out_dir: Path | None, config: TrainConfig) -> dict | None:
+    """The saved config.json of the run to resume; None when it was stopped during data
+    generation (its finished batches are in data-shards/)."""
     if out_dir is None:
         raise TiltgenError("resume needs the output directory of the interrupted run")
     if not (out_dir / "config.json").is_file() or not (out_dir / "data.safetensors").is_file():
+        if (out_dir / SHARDS / "identity.json").is_file():
+            return None
         raise TiltgenError(f"cannot resume: {out_dir} has no config.json / data.safetensors from an earlier run")
     saved = json.loads((out_dir / "config.json").read_text())
     if saved["train"] != config.to_json():
-        raise TiltgenError(f"cannot resume: the training config differs from the one saved in {out_dir}/config.json")
+        keys = ", ".join(_differing(saved["train"], config.to_json()))
+        raise TiltgenError(f"cannot resume: the training config differs from the one saved in {out_dir}/config.json "
+                           f"({keys})")
     return saved
+
+
+def _generate_sharded(model: Model, schedule: Schedule, reward: Reward, config: TrainConfig, shape: Sequence[int],
+                      conditions: Sequence[Any] | None, out: Path, identity: dict, processes: Processes,
+                      progress: bool) -> GuidanceData:
+    """Data generation in batches spread over the processes, each batch saved when done, so an
+    interrupted run keeps them and a resumed one makes only the rest. Same data as generate_data."""
+    check_data_size(config.n_data)
+    folder = out / SHARDS
+    conds = [None] if conditions is None else list(conditions)
+    units = data_units(len(conds), config.n_data)
+    if processes.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / "identity.json").is_file():
+            old = json.loads((folder / "identity.json").read_text())
+            if old != identity:
+                raise TiltgenError(f"{folder} holds data generated with different settings "
+                                   f"({', '.join(_differing(old, identity))}); use a new --out")
+        else:
+            write_json(folder / "identity.json", identity)
+    processes.wait()
+    path = lambda i: folder / f"unit-{i:06d}.safetensors"  # noqa: E731
+    done = [i for i in range(len(units)) if path(i).is_file()]
+    processes.wait()  # all have listed the finished batches before any adds one
+    todo = [i for i in processes.mine(list(range(len(units)))) if i not in set(done)]
+    size = lambda i: units[i][2] - units[i][1]  # noqa: E731
+    if done and processes.is_main:
+        print(f"resumed guidance data: {sum(size(i) for i in done)} of {len(conds) * config.n_data} samples "
+              f"({len(done)} of {len(units)} batches) already generated")
+    bar = tqdm(total=sum(size(i) for i in todo), desc="guidance data", disable=not (progress and processes.is_main),
+               leave=False)
+    counted = False
+    for i in todo:
+        part = generate_unit(model, schedule, reward, units[i], conds[units[i][0]], shape=shape, n=config.n_data,
+                             sampler=config.sampler, steps=config.data_steps, spacing=config.spacing, seed=config.seed,
+                             trajectory=config.trajectory, dtype=_DTYPES[config.data_dtype], count_flops=not counted)
+        counted = True
+        flops = part.pop("flops_per_sample")
+        _write_tensors(path(i), part, {"flops_per_sample": str(flops or 0)})
+        bar.update(size(i))
+    bar.close()
+    processes.wait()
+    return join_units([_read_unit(path(i)) for i in range(len(units))], sampler=config.sampler,
+                      steps=config.data_steps)
+
+
+def _read_unit(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        flops = int(f.metadata().get("flops_per_sample", "0"))
+    return {**load_file(str(path)), "flops_per_sample": flops or None}
 
 
 def _generate(model: Model, schedule: Schedule, reward: Reward, config: TrainConfig, shape: Sequence[int],
@@ -379,6 +476,8 @@ def _restore_checkpoint(path: Path, run: "_Run") -> None:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     run.restore(load_file(str(path)), meta)
+    if run.processes.is_main:
+        print(f"resumed from step {run.step} of {run.config.steps}")
 
 
 def _optimise(run: "_Run", out: Path | None, progress: bool, on_step: Callable[[int, float], None] | None) -> None:
@@ -387,9 +486,12 @@ def _optimise(run: "_Run", out: Path | None, progress: bool, on_step: Callable[[
 
     def checkpoint() -> None:
         if out is not None:
-            _write_tensors(out / "checkpoint.safetensors", run.state_tensors(), run.state_meta())
+            tensors = run.state_tensors()  # on every process: it gathers their minibatch streams
+            if run.processes.is_main:
+                _write_tensors(out / "checkpoint.safetensors", tensors, run.state_meta())
 
-    bar = tqdm(total=config.steps, initial=run.step, desc="train guidance", disable=not progress)
+    bar = tqdm(total=config.steps, initial=run.step, desc="train guidance",
+               disable=not (progress and run.processes.is_main))
     try:
         while run.step < config.steps:
             tick = time.perf_counter()
@@ -411,7 +513,8 @@ def _optimise(run: "_Run", out: Path | None, progress: bool, on_step: Callable[[
             if on_step is not None:
                 on_step(run.step, loss)
     except KeyboardInterrupt:
-        checkpoint()  # keep every finished step; resume continues from here
+        if not run.processes.distributed:  # several processes: the periodic checkpoint is the one kept
+            checkpoint()  # keep every finished step; resume continues from here
         raise
     finally:
         bar.close()
@@ -421,7 +524,8 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
                    shape: Sequence[int], conditions: Sequence[Any] | None = None,
                    cond_encoder: CondEncoder | None = None, out_dir: str | Path | None = None,
                    resume: bool = False, data_from: str | Path | None = None, progress: bool = True,
-                   on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+                   on_step: Callable[[int, float], None] | None = None,
+                   processes: Processes | None = None) -> TrainResult:
     """Train a guidance network for ``reward`` at ``config.beta`` on samples of ``model``.
 
     ``conditions``: the distinct conditionings (prompts) to train on, each passed as the
@@ -433,7 +537,13 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     the keys, unless they were generated with the same model, reward, prompts and data settings).
     With ``config.val_fraction`` > 0 a share of the conditions is held out and the weights kept
     are those with the lowest held-out loss (checked every ``checkpoint_every`` steps).
+    ``processes`` (from ``core.distributed.join_processes``, under torchrun or accelerate launch):
+    data generation is split between them, and each step's minibatch too (gradients averaged),
+    so N processes run the same optimisation as one; the main process writes the files.
     """
+    processes = processes or Processes()
+    if processes.distributed and out_dir is None:
+        raise TiltgenError("training in several processes needs out_dir (they share the data through it)")
     model = as_model(model)
     reward = as_reward(reward)
     out = Path(out_dir) if out_dir is not None else None
@@ -455,10 +565,15 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     elif data_from is not None:
         identity = _data_identity(config, base_model, reward_name(reward), cond_names, shape)
         data, data_wall = _reuse_data(Path(data_from), identity, shape)
+    elif out is not None:
+        identity = _data_identity(config, base_model, reward_name(reward), cond_names, shape)
+        data, data_wall = _generate_sharded(model, schedule, reward, config, shape, conditions, out, identity,
+                                            processes, progress), 0.0
     else:
         data, data_wall = _generate(model, schedule, reward, config, shape, conditions, progress), 0.0
     train_rows, held_rows = split_rows(data.prompt, config.val_fraction, config.seed + 4)
-    if pool is None:
+    shared_pool = pool is None and processes.distributed and not processes.is_main and not config.fresh_noise
+    if pool is None and not shared_pool:
         pool = _make_pool(data, model, schedule, config, times, conditions, train_rows, progress)
     data_wall += time.perf_counter() - start
     if saved is not None:
@@ -473,7 +588,11 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(config.seed)
         potential = GuidancePotential(build_network(net_config), schedule, s_data, noise_tilt=config.noise_tilt)
-    run = _Run(config, potential, pool, data, embeddings, schedule, times, train_rows, held_rows)
+    if shared_pool:  # the main process built the pool; the others read it
+        processes.wait()
+        pool = Pool.from_tensors(load_file(str(out / "data.safetensors")),  # type: ignore[operator]
+                                 json.loads((out / "config.json").read_text())["data"]["pool_model_evals"])  # type: ignore[operator]
+    run = _Run(config, potential, pool, data, embeddings, schedule, times, train_rows, held_rows, processes)
     full_config = {"train": config.to_json(), "net": net_config, "schedule": schedule.config(), "s_data": s_data,
                    "shape": list(shape), "prediction": model.prediction, "model": _describe(model),
                    # which base model this network belongs to (checked when it is loaded for sampling)
@@ -488,17 +607,20 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
                             "pool_model_evals": pool.model_evals, "wall_s": data_wall,
                             "flops_per_sample": sample_flops,
                             "flops": None if sample_flops is None else sample_flops * int(data.x0.shape[0])}}
-    if out is not None and saved is None:
+    if out is not None and saved is None and processes.is_main:
         out.mkdir(parents=True, exist_ok=True)
         _write_tensors(out / "data.safetensors", {**data.tensors(), **(pool.tensors() if len(pool) else {})})
         write_json(out / "config.json", full_config)
+        shutil.rmtree(out / SHARDS, ignore_errors=True)  # now in data.safetensors
+    if processes.distributed and saved is None and not shared_pool:
+        processes.wait()  # releases the processes waiting for the pool above
     if saved is not None and (out / "checkpoint.safetensors").is_file():  # type: ignore[operator]
         _restore_checkpoint(out / "checkpoint.safetensors", run)  # type: ignore[operator]
     _optimise(run, out, progress, on_step)
     potential.net.load_state_dict(run.final_weights())
 
     record = _record(full_config, run, data, pool, data_wall)
-    if out is not None:
+    if out is not None and processes.is_main:
         _write_tensors(out / "guidance.safetensors", run.final_weights())
         write_json(out / "guidance.json", record)
         plot_losses(run.losses, out / "loss.png", title=f"{record['reward']} beta={config.beta:g} ({config.loss})",
