@@ -134,3 +134,24 @@ def test_data_generation_interrupted_keeps_its_batches(sd_dir, tmp_path, monkeyp
     assert len(calls) == 6  # 3 before the interrupt, 3 after
     mine, theirs = load_file(str(out / "data.safetensors")), load_file(str(reference / "data.safetensors"))
     assert set(mine) == set(theirs) and all((mine[k] == theirs[k]).all() for k in mine)
+
+
+@pytest.mark.parametrize("method", ["rwdsm", pytest.param("draft", marks=pytest.mark.slow)])
+def test_finetune_in_two_processes_takes_the_same_steps_as_one(sd_dir, tmp_path, method):
+    """Each process takes every 2nd row of the step's minibatch and the gradients are averaged:
+    the loss curve (the mean over the whole minibatch) equals the one-process run's."""
+    argv = ["finetune", "--method", method, "--model", str(sd_dir), "--reward", "brightness", "--beta", "0.5",
+            "--steps", "4", "--batch-size", "4", "--samples-per-prompt", "4", "--data-steps", "2", "--cfg", "1",
+            "--height", "16", "--width", "16", "--no-progress", *sum((["--prompt", p] for p in PROMPTS[:3]), [])]
+    runs = {}
+    for name, command in (("one", [sys.executable, "-m", "tiltgen.cli.main"]), ("two", torchrun([]))):
+        out = tmp_path / name
+        done = subprocess.run(command + argv + ["--out", str(out)], env=env(), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(runs["one"]) == len(runs["two"]) == 4
+    for a, b in zip(runs["one"], runs["two"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        if method == "draft":
+            assert a["reward"] == pytest.approx(b["reward"], rel=1e-4, abs=1e-6)

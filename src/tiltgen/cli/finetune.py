@@ -30,12 +30,19 @@ def _finetune(args: argparse.Namespace) -> int:
                             samples_per_prompt=args.samples_per_prompt, data_steps=args.data_steps, cfg=args.cfg,
                             draft_k=args.draft_k, reg=args.reg, dpo_scale=args.dpo_scale, height=args.height,
                             width=args.width)
+    from ..core.distributed import join_processes, set_threads
+
     prompts = prompts_from_args(args)
     writable_dir(Path(args.out))  # before the model loads
     reward = reward_from_spec(args.reward)
+    processes = join_processes(args.device)
+    set_threads(processes.local_world_size, args.threads)
     record = finetune(args.model, reward, prompts, config, args.out, resume=args.resume,
-                      progress=not args.no_progress, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
-                      cache_dir=args.cache_dir, gradient_checkpointing=args.gradient_checkpointing)
+                      progress=not args.no_progress, device=processes.device,
+                      dtype=getattr(torch, DTYPES[args.dtype]), cache_dir=args.cache_dir,
+                      gradient_checkpointing=args.gradient_checkpointing, processes=processes)
+    if not processes.is_main:
+        return 0
     compute = record["compute"]
     print(f"fine-tuned pipeline written to {args.out} ({record['method']}, {compute['train']['steps']} steps; "
           f"budgets: {', '.join(record['budgets']) or 'none'}); total {compute['total_flops']:.3g} FLOPs "
@@ -57,7 +64,8 @@ def add_finetune_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--reward", required=True, help="reward spec, e.g. world-proxy or 'pickscore:1.0,aesthetic:0.5'")
     p.add_argument("--beta", type=float, required=True, help="tilt temperature β > 0")
     p.add_argument("--prompt", action="append", help="a training prompt (repeatable)")
-    p.add_argument("--prompts-file", help="text file, one training prompt per line")
+    p.add_argument("--prompts", "--prompts-file", dest="prompts_file", metavar="FILE",
+                   help="prompt file: .txt (one per line), .jsonl or .csv (a 'prompt' field)")
     p.add_argument("--out", required=True, help="output folder (the final pipeline, budgets, checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the killed run in --out")
     p.add_argument("--steps", type=int, default=500, help="optimiser steps (default 500)")
@@ -78,7 +86,10 @@ def add_finetune_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, ... (default: this process's GPU under a launcher, else cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads per process (default: $OMP_NUM_THREADS, else cores / local processes)")
     p.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, more time; real checkpoints)")

@@ -286,7 +286,8 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
                                        "or a cached model id")
     train.add_argument("--reward", help="with --model: reward spec, e.g. 'pickscore:1.0,aesthetic:0.5'")
     train.add_argument("--prompt", action="append", help="with --model: a training prompt (repeatable)")
-    train.add_argument("--prompts-file", help="with --model: text file, one training prompt per line")
+    train.add_argument("--prompts", "--prompts-file", dest="prompts_file", metavar="FILE",
+                       help="prompt file: .txt (one per line), .jsonl or .csv (a 'prompt' field)")
     train.add_argument("--cfg", type=float, help="with --model: classifier-free guidance scale of the sampler")
     train.add_argument("--height", type=int)
     train.add_argument("--width", type=int)

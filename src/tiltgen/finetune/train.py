@@ -12,7 +12,9 @@ Output folder ``out`` (files written atomically)::
     loss.png              the loss curve (and the reward curve of draft)
 
 Every step draws its minibatch, times and noise from a generator seeded by (seed, step),
-so a resumed run continues exactly where the killed one stopped.
+so a resumed run continues exactly where the killed one stopped. Under torchrun / accelerate
+launch each process takes every N-th row of that minibatch and the gradients are averaged, so
+N processes take the same steps as one; the main process writes every file.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 from ..backends.diffusers import DiffusersBackend
 from ..backends.diffusers.loading import resolve_model_path
 from ..core.compute import measure, peak_memory
+from ..core.distributed import Processes
 from ..core.files import atomic_write, write_json
 from ..core.reward import as_reward, reward_name
 from ..errors import TiltgenError
@@ -71,9 +74,10 @@ class _Step:
     """One optimiser step of ``config.method``; returns (loss, mean reward or None)."""
 
     def __init__(self, model: Any, trainable: TrainableDenoiser, config: FinetuneConfig, prompts: list[str],
-                 reward: Any, pool: BasePool | None, steps: int):
+                 reward: Any, pool: BasePool | None, steps: int, processes: Processes):
         self.model, self.trainable, self.config, self.prompts = model, trainable, config, prompts
         self.pool, self.steps = pool, steps
+        self.mine = slice(processes.rank, None, processes.world_size)  # this process's rows of each minibatch
         self.latent_reward = model.latent_reward(reward)
         family = model.backend.family
         # training conditions are the prompts alone: no CFG (FLUX keeps its embedded guidance)
@@ -87,10 +91,11 @@ class _Step:
     def __call__(self, step: int) -> tuple[torch.Tensor, float | None]:
         g = torch.Generator().manual_seed(self.config.seed * STEP_SEED_STRIDE + step)
         b, dev = self.config.batch_size, self.model.backend.device
+        mine = self.mine
         if self.config.method == "draft":
-            which = torch.randint(len(self.prompts), (b,), generator=g).tolist()
+            which = torch.randint(len(self.prompts), (b,), generator=g).tolist()[mine]
+            seeds = torch.randint(2**31 - 1, (b,), generator=g).tolist()[mine]
             cond = self.model.encode([self.prompts[i] for i in which])
-            seeds = torch.randint(2**31 - 1, (b,), generator=g).tolist()
             loss, r = draft_loss(self.model, self.trainable.reference, self.latent_reward, cond,
                                  self.model.initial_latents(seeds), self.model.times(self.steps),
                                  self.config.draft_k, self.config.beta, self.config.reg)
@@ -99,10 +104,11 @@ class _Step:
         assert pool is not None
         if self.config.method == "rwdsm":
             rows = torch.multinomial(self.weights, b, replacement=True, generator=g)
-            x0 = pool.latents[rows].to(dev)
             t = self._times(b, g)
-            eps = torch.randn(x0.shape, generator=g).to(dev)
-            return dsm_loss(self.model, x0, self.train_cond.select(pool.prompt[rows]), t.to(dev), eps), None
+            eps = torch.randn(pool.latents[rows].shape, generator=g)
+            rows, t, eps = rows[mine], t[mine], eps[mine]
+            return dsm_loss(self.model, pool.latents[rows].to(dev), self.train_cond.select(pool.prompt[rows]),
+                            t.to(dev), eps.to(dev)), None
         which = torch.randint(len(self.prompts), (b,), generator=g)
         a, c = [], []
         for p in which.tolist():
@@ -111,10 +117,11 @@ class _Step:
             a.append(rows[pick[0]])
             c.append(rows[pick[1]])
         a, c = torch.stack(a), torch.stack(c)
+        t = self._times(b, g)
+        eps = torch.randn(pool.latents[a].shape, generator=g)
+        a, c, which, t, eps = a[mine], c[mine], which[mine], t[mine].to(dev), eps[mine].to(dev)
         p_a = torch.sigmoid((pool.reward[a] - pool.reward[c]) / self.config.beta).float().to(dev)
         x_a, x_c = pool.latents[a].to(dev), pool.latents[c].to(dev)
-        t = self._times(b, g).to(dev)
-        eps = torch.randn(x_a.shape, generator=g).to(dev)
         return dpo_loss(self.model, self.trainable.reference, x_a, x_c, self.train_cond.select(which), t, eps,
                         p_a, self.config.dpo_scale), None
 
@@ -122,9 +129,14 @@ class _Step:
 def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], config: FinetuneConfig,
              out: str | os.PathLike, *, resume: bool = False, progress: bool = True, device: str = "cpu",
              dtype: torch.dtype | None = None, cache_dir: str | None = None,
-             gradient_checkpointing: bool = False) -> dict[str, Any]:
+             gradient_checkpointing: bool = False, processes: Processes | None = None) -> dict[str, Any]:
     """Fine-tune the pipeline folder (or built-in / cached model) ``model`` and write pipeline
-    folders to ``out`` (see the module docstring). Returns the record saved as finetune.json."""
+    folders to ``out`` (see the module docstring). Returns the record saved as finetune.json.
+    ``processes`` (from ``core.distributed.join_processes``): split each minibatch between them."""
+    processes = processes or Processes(device=device)
+    if config.batch_size % processes.world_size:
+        raise TiltgenError(f"--batch-size {config.batch_size} does not split evenly over {processes.world_size} "
+                           "processes")
     prompts = [str(p) for p in prompts]
     reward = as_reward(reward)
     out = Path(out)
@@ -133,13 +145,21 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
                                                gradient_checkpointing=gradient_checkpointing)
     _check_inputs(backend, config, reward, prompts)
     wanted = {"config": config.to_json(), "base_model": str(model), "reward": reward_name(reward), "prompts": prompts}
-    _prepare_out(out, wanted, resume)
+    if processes.is_main:
+        _prepare_out(out, wanted, resume)
+    processes.wait()
     latent = backend.at(config.height, config.width, guidance_scale=config.cfg)
     steps = config.data_steps or backend.default_steps
     pool = None
     if config.method in ("rwdsm", "dpo"):
-        pool = base_pool(latent, prompts, reward, n=config.samples_per_prompt, seed=config.seed, steps=steps,
-                         path=out / ".work" / "pool.safetensors", progress=progress)
+        def make_pool() -> BasePool:
+            return base_pool(latent, prompts, reward, n=config.samples_per_prompt, seed=config.seed, steps=steps,
+                             path=out / ".work" / "pool.safetensors", progress=progress and processes.is_main)
+
+        pool = make_pool() if processes.is_main else None
+        processes.wait()
+        if pool is None:
+            pool = make_pool()  # the others read the main process's finished pool
     trainable = TrainableDenoiser(backend, config.lora_rank)
     optimiser = torch.optim.AdamW(trainable.parameters(), lr=config.lr, weight_decay=0.0)
     state = {"step": 0, "log": [], "train_wall_s": 0.0, "flops_per_step": 0, "peak_mem_bytes": 0, "written": []}
@@ -149,17 +169,19 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
         trainable.load_state_dict(saved["trainable"])
         optimiser.load_state_dict(saved["optimiser"])
         state = saved["state"]
-    one_step = _Step(latent, trainable, config, prompts, reward, pool, steps)
+    one_step = _Step(latent, trainable, config, prompts, reward, pool, steps, processes)
 
     def checkpoint() -> None:
+        if not processes.is_main:
+            return
         atomic_write(ckpt, lambda p: torch.save({"trainable": trainable.state_dict(),
                                                  "optimiser": optimiser.state_dict(), "state": state}, p))
 
     def record() -> dict[str, Any]:
         return _record(config, wanted, state, pool, trainable, backend)
 
-    bar = tqdm(total=config.steps, initial=state["step"], desc=f"finetune {config.method}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=state["step"], desc=f"finetune {config.method}",
+               disable=not (progress and processes.is_main), dynamic_ncols=True)
     while state["step"] < config.steps:
         step = state["step"]
 
@@ -169,14 +191,15 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
             if not torch.isfinite(loss):
                 raise TiltgenError(f"non-finite loss at step {step}; lower --lr")
             loss.backward()
+            loss, r = average_over_processes(trainable.parameters(), loss.detach(), r, processes)
             torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
             optimiser.step()
-            return float(loss.detach()), r
+            return loss, r
 
-        cost = measure(train_step, count_flops=state["flops_per_step"] == 0, device=device)
+        cost = measure(train_step, count_flops=state["flops_per_step"] == 0, device=processes.device)
         loss, r = cost.value
         if state["flops_per_step"] == 0:
-            state["flops_per_step"] = cost.flops
+            state["flops_per_step"] = cost.flops * processes.world_size  # every process does an equal share
         state["train_wall_s"] += cost.wall_s
         state["peak_mem_bytes"] = max(state["peak_mem_bytes"], cost.peak_mem_bytes)
         state["log"].append({"step": step + 1, "loss": loss, **({} if r is None else {"reward": r})})
@@ -184,7 +207,7 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", **({} if r is None else {"reward": f"{r:.3f}"}))
         at_budget = state["step"] in config.budgets and state["step"] < config.steps
-        if at_budget:
+        if at_budget and processes.is_main:
             folder = out / f"step-{state['step']:06d}"
             write_pipeline(base, folder, backend, trainable, {**record(), "steps_done": state["step"]})
             state["written"].append(folder.name)
@@ -192,11 +215,32 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
             checkpoint()
     bar.close()
     final = record()
+    if not processes.is_main:
+        return final
     write_pipeline(base, out, backend, trainable, {**final, "steps_done": state["step"]})
     (out / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in state["log"]))
     _plot(state["log"], out / "loss.png", f"{config.method}, beta {config.beta}, {reward_name(reward)}")
     write_json(out / "finetune.json", final)
     return final
+
+
+def average_over_processes(params: Any, loss: torch.Tensor, reward: float | None, processes: Processes
+                           ) -> tuple[float, float | None]:
+    """Mean gradients, loss and batch reward over the processes (one all-reduce): the step of the
+    whole minibatch. One process: the values as they are."""
+    if not processes.distributed:
+        return float(loss), reward
+    from accelerate.utils import reduce
+
+    params = [p for p in params if p.grad is not None]
+    extra = torch.tensor([float(loss), 0.0 if reward is None else reward], dtype=params[0].grad.dtype,
+                         device=params[0].grad.device)
+    flat = reduce(torch.cat([p.grad.reshape(-1) for p in params] + [extra]), reduction="mean")
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
+        offset += p.grad.numel()
+    return float(flat[-2]), None if reward is None else float(flat[-1])
 
 
 def _record(config: FinetuneConfig, wanted: dict[str, Any], state: dict[str, Any], pool: BasePool | None,
