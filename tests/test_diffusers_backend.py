@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 import diffusers_tiny as tiny  # noqa: E402
 
 from tiltgen.backends.diffusers import DiffusersBackend, PromptCondition  # noqa: E402
+from tiltgen.errors import TiltgenError  # noqa: E402
 from tiltgen.rewards.simple import Brightness  # noqa: E402
 from tiltgen.tilt import TweedieGuidance  # noqa: E402
 
@@ -210,3 +211,25 @@ def test_learned_guidance_trains_and_samples_on_a_one_step_turbo_pipeline(tmp_pa
     base = model.sample(cond, seeds=[0, 1], steps=1)
     guided = model.sample(cond, seeds=[0, 1], steps=1, guidance=guidance)
     assert torch.isfinite(guided.latents).all() and not torch.equal(guided.latents, base.latents)
+
+
+@pytest.mark.parametrize("case", ["sd-ddim-cfg", "sd3-cfg"])
+def test_memory_options_leave_the_guided_samples_unchanged(case):
+    """Gradient checkpointing (denoiser, VAE, and decode + reward recomputed in the backward
+    pass) and VAE slicing / tiling change memory, not results."""
+    build, kwargs, steps, scale, prompts, seeds = CASES[case]
+    samples = {}
+    for name, options in (("none", {}), ("checkpointing", {"gradient_checkpointing": True}),
+                          ("slicing+tiling", {"vae_slicing": True, "vae_tiling": True})):
+        backend = DiffusersBackend(build(**kwargs), **options)
+        model = backend.at(SIZE, SIZE)
+        cond = model.encode(prompts, guidance_scale=scale, **_extra(backend))
+        guidance = TweedieGuidance(model.latent_reward(Brightness()), beta=0.01)
+        samples[name] = model.sample(cond, seeds=seeds, steps=steps, guidance=guidance).images
+    torch.testing.assert_close(samples["checkpointing"], samples["none"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(samples["slicing+tiling"], samples["none"], rtol=1e-5, atol=1e-5)
+
+
+def test_offload_without_a_gpu_is_a_clear_error():
+    with pytest.raises(TiltgenError, match="offload .* needs a CUDA device"):
+        DiffusersBackend(tiny.tiny_sd(), device="cpu", offload=True)

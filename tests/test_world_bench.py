@@ -120,3 +120,38 @@ def test_headline_can_require_kept_fidelity():
     assert not headline(rows)["reached"]
     kept = headline(rows, 0.05)
     assert kept["best_finetune"]["method"] == "finetune-rwdsm" and kept["ratio"] == pytest.approx(0.2)
+
+
+def test_stages_split_over_processes_cover_every_stage_once(tmp_path, monkeypatch):
+    """Under torchrun each process computes stage i mod N of each phase: together every oracle,
+    training run and sampling row exactly once (the stage functions are stubbed here)."""
+    import tiltgen.eval.world_bench as wb
+    from tiltgen.core.distributed import Processes
+
+    settings = BenchSettings(seeds=2, particles=(2,), finetune_steps=4, budgets=(2, 4))
+    calls: dict[int, list] = {0: [], 1: []}
+    rank = {"now": 0}
+    monkeypatch.setattr(wb, "oracle_stage", lambda c, j, name, s, p: calls[rank["now"]].append(("oracle", name)))
+    monkeypatch.setattr(wb, "guidance_stage", lambda c, name, seed, p: f"guidance-{name}-{seed}")
+
+    def finetune(c, method, name, seed, s, p):
+        calls[rank["now"]].append(("finetune", method, name, seed))
+        return {"budgets": {str(b): f"ft-{method}-{name}-{seed}-{b}" for b in s.budgets}}
+
+    monkeypatch.setattr(wb, "finetune_stage", finetune)
+    monkeypatch.setattr(wb, "sampling_stage", lambda c, j, name, path, method, s, particles=1, guidance=None:
+                        calls[rank["now"]].append(("sample", name, path, method, particles, guidance)))
+    monkeypatch.setattr(wb, "Judges", lambda: None)
+    for r in (0, 1):
+        rank["now"] = r
+        wb.fill_stages_in_parallel(settings, tmp_path, Processes(rank=r, world_size=2), progress=False)
+    samples = [c for r in (0, 1) for c in calls[r] if c[0] == "sample"]
+    assert len(samples) == len(set(samples))                       # nothing twice
+    assert {c for c in calls[0] if c[0] == "sample"}.isdisjoint(c for c in calls[1] if c[0] == "sample")
+    # diffusion: unguided, tweedie, learned x 2 seeds; onestep: unguided, learned x 2; flow: 3;
+    # best-of-2 on 3 models, SMC-2 on 2; 4 fine-tuning rows x 2 seeds x 2 budgets
+    assert len(samples) == 4 + 3 + 3 + 3 + 2 + 16
+    assert {c[5] for c in samples if c[3] == "learned"} == {"guidance-diffusion-0", "guidance-diffusion-1",
+                                                            "guidance-onestep-0", "guidance-onestep-1"}
+    assert sorted(c[1] for r in (0, 1) for c in calls[r] if c[0] == "oracle") == ["diffusion", "flow", "onestep"]
+    assert all(abs(len([c for c in calls[r] if c[0] == "sample"]) - len(samples) / 2) <= 1 for r in (0, 1))

@@ -62,6 +62,15 @@ def _bench_world(args: argparse.Namespace) -> int:
     for target in (args.json, args.plot, args.markdown):
         if target:
             writable_dir(Path(target).parent if Path(target).parent != Path("") else Path("."))
+    from ..core.distributed import join_processes, set_threads
+    from ..eval.world_bench import fill_stages_in_parallel
+
+    processes = join_processes("cpu")
+    set_threads(processes.local_world_size, args.threads)
+    if processes.distributed:  # stages split over the processes; the main one then assembles the table
+        fill_stages_in_parallel(settings, work, processes, progress=not args.no_progress)
+        if not processes.is_main:
+            return 0
     result = run_bench(settings, work, progress=not args.no_progress)
     text = markdown(result)
     print(text)
@@ -89,6 +98,17 @@ def _bench_sampling(args: argparse.Namespace) -> int:
                                 repeats=args.repeats, batch_size=args.batch_size, reward=args.reward or None,
                                 progress=not args.no_progress)
     print(sampling_markdown(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    from ..eval.memory_bench import MODELS, OPTIONS, memory_markdown, run_memory_bench
+
+    result = run_memory_bench(models=tuple(args.models or MODELS), options=tuple(args.options or OPTIONS),
+                              batch=args.batch, steps=args.steps, method=args.method, device=args.device)
+    print(memory_markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
@@ -177,7 +197,8 @@ def _text_to_image_training(args: argparse.Namespace) -> tuple:
     prompts = prompts_from_args(args)
     reward = reward_from_spec(args.reward)
     backend = DiffusersBackend.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]),
-                                               device=args.device, cache_dir=args.cache_dir)
+                                               device=args.device, cache_dir=args.cache_dir, vae_slicing=args.vae_slicing,
+                                               vae_tiling=args.vae_tiling, offload=args.offload)
     backend.check_prompts(prompts)
     model = backend.at(args.height, args.width, guidance_scale=args.cfg)
     sampler = args.sampler or "ddim"
@@ -298,6 +319,9 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--threads", type=int, default=None,
                        help="intra-op CPU threads per process (default: $OMP_NUM_THREADS, else cores / local processes)")
     train.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")
+    train.add_argument("--vae-slicing", action="store_true", help="with --model: decode one image at a time")
+    train.add_argument("--vae-tiling", action="store_true", help="with --model: decode large images in tiles")
+    train.add_argument("--offload", action="store_true", help="with --model: model CPU offload (GPU only)")
     train.add_argument("--out", required=True, help="output directory (checkpoints, guidance.json, loss.png)")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     train.add_argument("--beta", type=float, help="tilt temperature (default with --case: the case's)")
@@ -371,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--json", help="write the results to this JSON file")
     world.add_argument("--plot", help="write the reward-compute plot to this PNG")
     world.add_argument("--markdown", help="write the table to this Markdown file")
+    world.add_argument("--threads", type=int, default=None,
+                       help="intra-op CPU threads per process (default: $OMP_NUM_THREADS, else cores / local processes)")
     world.add_argument("--no-progress", action="store_true")
     world.set_defaults(func=_bench_world)
     sampling = benches.add_parser("sampling", help="throughput of tiltgen sample --prompts in 1 and N processes",
@@ -388,6 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--json", help="write the results to this JSON file")
     sampling.add_argument("--no-progress", action="store_true")
     sampling.set_defaults(func=_bench_sampling)
+    memory = benches.add_parser("memory", help="peak memory of guided sampling with each memory option",
+                                description="Peak memory of one guided sampling call on the built-in models (or "
+                                            "--models) with no option, bf16, gradient checkpointing, VAE slicing, "
+                                            "VAE tiling and all together; each in a fresh process.")
+    memory.add_argument("--models", type=_csv, help="comma-separated models (default: the three built-in generators)")
+    memory.add_argument("--options", type=_csv, help="comma-separated options (default: all)")
+    memory.add_argument("--batch", type=int, default=16)
+    memory.add_argument("--steps", type=int, default=10)
+    memory.add_argument("--method", default="tweedie", help="guidance method measured (default tweedie: it "
+                                                            "back-propagates through the denoiser)")
+    memory.add_argument("--device", default="cpu")
+    memory.add_argument("--json", help="write the results to this JSON file")
+    memory.set_defaults(func=_bench_memory)
     _add_train_guidance(commands)
     add_calibrate_parser(commands)
     add_finetune_parser(commands)

@@ -72,11 +72,27 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the images of another run in --out (by default a different run there is refused)")
     p.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="save memory in backward passes")
+    add_memory_options(p)
     p.add_argument("--max-sequence-length", type=int, help="SD3/FLUX T5 tokens")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_sample)
+
+
+def add_memory_options(p: argparse.ArgumentParser) -> None:
+    """The memory options of real checkpoints (docs/scale-out.md gives their measured effect)."""
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="guidance backward passes recompute the denoiser, VAE decoder and reward instead of "
+                        "storing their activations")
+    p.add_argument("--vae-slicing", action="store_true", help="decode one image at a time (reward and output)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    p.add_argument("--offload", action="store_true",
+                   help="model CPU offload: each module moves to the GPU only while it runs (GPU only)")
+
+
+def memory_kwargs(args: argparse.Namespace) -> dict[str, bool]:
+    return {"gradient_checkpointing": args.gradient_checkpointing, "vae_slicing": args.vae_slicing,
+            "vae_tiling": args.vae_tiling, "offload": args.offload}
 
 
 def writable_dir(path: Path) -> Path:
@@ -216,8 +232,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
     reward, held_out = load_rewards(args.reward, args.eval_reward)
     dtype = getattr(torch, DTYPES[args.dtype])
     backend = DiffusersBackend.from_pretrained(args.model, dtype=dtype, device=processes.device,
-                                               cache_dir=args.cache_dir,
-                                               gradient_checkpointing=args.gradient_checkpointing)
+                                               cache_dir=args.cache_dir, **memory_kwargs(args))
     backend.check_prompts([row.text for row in rows])
     negatives = sorted({n for n in [args.negative_prompt] + [row.negative_prompt for row in rows] if n})
     if negatives:
@@ -270,7 +285,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
         "height": model.height, "width": model.width, "steps": steps, "sampler": sampler,
         "times": shared.get("times"), "cfg": shared.get("cfg"), "cfg_arg": args.cfg,
         "true_cfg": args.true_cfg, "negative_prompt": args.negative_prompt, "data_var": args.data_var,
-        "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
+        "dtype": args.dtype, **memory_kwargs(args),
         "method": args.method, "reward": args.reward, "beta": args.beta, "scale": args.scale,
         "t_window": args.t_window, "guidance": args.guidance, "variant": args.variant, "seed": args.seed,
         "eval_reward": args.eval_reward, "n_per_prompt": args.n, "device": processes.device,

@@ -486,6 +486,50 @@ def run_bench(settings: BenchSettings, work: Path, progress: bool = True) -> dic
             "wall_s": time.perf_counter() - start}
 
 
+def fill_stages_in_parallel(settings: BenchSettings, work: Path, processes: Any, progress: bool = True) -> None:
+    """Compute the bench's stages split over ``processes`` (stage i of each phase on process
+    i mod N): the oracles, then every training run (guidance seeds, fine-tuning runs), then every
+    sampling row's images; a barrier after each phase. :func:`run_bench` on the main process then
+    finds them all in the cache. Any stage left out here is computed there, so the table is the
+    same; only the wall-time columns differ, since the processes share the machine."""
+    cache = StageCache(work)
+    judges = Judges()
+    mine = lambda jobs: processes.mine(jobs)  # noqa: E731
+
+    def phase(jobs: list[Callable[[], Any]]) -> None:
+        for job in mine(jobs):
+            job()
+        processes.wait()
+
+    phase([lambda name=name: oracle_stage(cache, judges, name, settings, progress and processes.is_main)
+           for name in MODELS])
+    learned = [name for name, methods in SAMPLING_ROWS.items() if "learned" in methods]
+    phase([lambda name=name, seed=seed: guidance_stage(cache, name, seed, False)
+           for name in learned for seed in range(1, settings.seeds)]
+          + [lambda m=m, name=name, seed=seed: finetune_stage(cache, m, name, seed, settings, False)
+             for m, name in FINETUNE_ROWS for seed in range(settings.seeds)])
+    jobs: list[Callable[[], Any]] = []
+    for name, methods in SAMPLING_ROWS.items():
+        for method in methods:
+            if method == "learned":
+                jobs += [lambda name=name, seed=seed: sampling_stage(
+                    cache, judges, name, MODELS[name], "learned", settings,
+                    guidance=guidance_stage(cache, name, seed, False)) for seed in range(settings.seeds)]
+            else:
+                jobs.append(lambda name=name, method=method: sampling_stage(cache, judges, name, MODELS[name], method,
+                                                                            settings))
+    for method, names in (("bestofn", tuple(MODELS)), ("smc", ("diffusion", "flow"))):
+        jobs += [lambda name=name, method=method, k=k: sampling_stage(cache, judges, name, MODELS[name], method,
+                                                                      settings, particles=k)
+                 for name in names for k in settings.particles]
+    for method, name in FINETUNE_ROWS:
+        for seed in range(settings.seeds):
+            run = finetune_stage(cache, method, name, seed, settings, False)  # cached by the phase above
+            jobs += [lambda name=name, folder=folder: sampling_stage(cache, judges, name, folder, "unguided", settings)
+                     for folder in run["budgets"].values()]
+    phase(jobs)
+
+
 def _learned_row(cache: StageCache, judges: Judges, name: str, oracle: dict[str, Any], settings: BenchSettings,
                  guidance_cost: dict[str, Any], progress: bool) -> dict[str, Any]:
     """Learned guidance of model ``name`` over training seeds (seed 0: the shipped network)."""

@@ -82,12 +82,16 @@ class DiffusersBackend:
     """A loaded pipeline; ``at(height, width)`` gives the canonical latent model at one resolution.
 
     ``dtype`` casts every module (e.g. ``torch.float16`` / ``bfloat16`` on GPU); the sampler state
-    stays float32. ``gradient_checkpointing`` trades compute for memory when guidance
-    backpropagates through the denoiser (Tweedie) or the VAE decoder (any reward gradient).
+    stays float32. Memory options (docs/scale-out.md): ``gradient_checkpointing`` trades compute
+    for memory when guidance backpropagates through the denoiser (Tweedie), the VAE decoder and
+    the reward (decode + reward are recomputed in the backward pass instead of stored);
+    ``vae_slicing`` decodes one image at a time, ``vae_tiling`` in tiles (large images);
+    ``offload`` keeps each module on the CPU until it runs (diffusers' model CPU offload; GPU only).
     """
 
     def __init__(self, pipe: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 gradient_checkpointing: bool = False, info: dict[str, Any] | None = None, name: str | None = None):
+                 gradient_checkpointing: bool = False, info: dict[str, Any] | None = None, name: str | None = None,
+                 vae_slicing: bool = False, vae_tiling: bool = False, offload: bool = False):
         """``info``: the folder's ``tiltgen.json`` (built-in models): default steps, CFG and T5
         length, and the vocabulary prompts must stay within; ``name``: how the model was addressed."""
         self.info = dict(info or {})
@@ -97,11 +101,21 @@ class DiffusersBackend:
             raise TiltgenError(f"pipeline class {name!r} is not supported; supported: {', '.join(FAMILIES)}")
         self.pipe = pipe
         self.family = FAMILIES[name]
-        if dtype is not None or device is not None:
+        if offload and (device is None or torch.device(device).type != "cuda"):
+            raise TiltgenError("offload keeps modules on the CPU and moves each to the GPU when it runs: it needs "
+                               f"a CUDA device (got {device or 'none'})")
+        if offload:
+            if dtype is not None:
+                pipe.to(dtype=dtype)
+            pipe.enable_model_cpu_offload(device=device)
+        elif dtype is not None or device is not None:
             pipe.to(device=device, dtype=dtype)
         self.denoiser = pipe.unet if self.family in ("sd", "sdxl") else pipe.transformer
-        self.device = self.denoiser.device
+        # with offload the modules sit on the CPU between calls; tensors live on the execution device
+        self.device = torch.device(device) if offload else self.denoiser.device
         self.dtype = self.denoiser.dtype
+        self.memory_options = {"gradient_checkpointing": gradient_checkpointing, "vae_slicing": vae_slicing,
+                               "vae_tiling": vae_tiling, "offload": offload}
         for module in self._modules():
             module.requires_grad_(False)
             module.eval()
@@ -109,6 +123,10 @@ class DiffusersBackend:
             for module in (self.denoiser, pipe.vae):
                 if getattr(module, "_supports_gradient_checkpointing", False):
                     module.enable_gradient_checkpointing()
+        if vae_slicing:
+            pipe.vae.enable_slicing()
+        if vae_tiling:
+            pipe.vae.enable_tiling()
         self.scheduler_config = dict(pipe.scheduler.config)
         if self.family in ("sd", "sdxl"):
             if getattr(self.denoiser.config, "time_cond_proj_dim", None) is not None:
@@ -134,7 +152,8 @@ class DiffusersBackend:
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, cache_dir: str | None = None,
                         revision: str | None = None, variant: str | None = None,
-                        gradient_checkpointing: bool = False) -> "DiffusersBackend":
+                        gradient_checkpointing: bool = False, vae_slicing: bool = False,
+                        vae_tiling: bool = False, offload: bool = False) -> "DiffusersBackend":
         """Load from a ``save_pretrained`` folder or a model id in the local HF cache."""
         from ...builtin import read_info
         from .loading import load_pipeline, resolve_model_path
@@ -142,7 +161,7 @@ class DiffusersBackend:
         path = resolve_model_path(name_or_path, cache_dir=cache_dir, revision=revision)
         pipe = load_pipeline(path, torch_dtype=dtype, variant=variant)
         return cls(pipe, device=device, gradient_checkpointing=gradient_checkpointing, info=read_info(path),
-                   name=str(name_or_path))
+                   name=str(name_or_path), vae_slicing=vae_slicing, vae_tiling=vae_tiling, offload=offload)
 
     @property
     def default_steps(self) -> int:
@@ -578,6 +597,13 @@ class LatentReward:
             prompts = [prompts] * x0.shape[0]
         # no graph through the VAE unless a gradient of this reward can be taken and is wanted
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            if torch.is_grad_enabled() and x0.requires_grad and \
+                    self.model.backend.memory_options.get("gradient_checkpointing"):
+                from torch.utils.checkpoint import checkpoint
+
+                # keep only x0: decode and reward run again in the backward pass
+                return checkpoint(lambda z: self.reward(self.model.decode(z), prompts).float(), x0,
+                                  use_reentrant=False)
             return self.reward(self.model.decode(x0), prompts).float()
 
 
