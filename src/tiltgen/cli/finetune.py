@@ -29,7 +29,7 @@ def _finetune(args: argparse.Namespace) -> int:
                             checkpoint_every=args.checkpoint_every, lora_rank=args.lora_rank,
                             samples_per_prompt=args.samples_per_prompt, data_steps=args.data_steps, cfg=args.cfg,
                             draft_k=args.draft_k, reg=args.reg, dpo_scale=args.dpo_scale, height=args.height,
-                            width=args.width)
+                            width=args.width, grad_accum=args.grad_accum, mixed_precision=args.mixed_precision)
     from ..core.distributed import join_processes, set_threads
 
     prompts = prompts_from_args(args)
@@ -88,6 +88,10 @@ def add_finetune_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default=None,
                    help="cpu, cuda, ... (default: this process's GPU under a launcher, else cuda if available, else cpu)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per step: the same step with 1/K of the activation memory")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="autocast the forward passes of the loss (the weights and optimiser stay float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads per process (default: $OMP_NUM_THREADS, else cores / local processes)")
     p.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")

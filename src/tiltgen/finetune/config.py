@@ -44,14 +44,20 @@ class FinetuneConfig:
     t_min: float = 1e-3                   # rwdsm, dpo: training times ~ U(t_min, 1)
     height: int | None = None
     width: int | None = None
+    grad_accum: int = 1                   # micro-batches per step (same step, less memory)
+    mixed_precision: str = "no"           # no, bf16 or fp16: autocast of the loss's forward pass
 
     def __post_init__(self) -> None:
         check_choice("fine-tuning method", self.method, METHODS)
         check_beta(self.beta)
-        for name in ("steps", "batch_size", "checkpoint_every", "samples_per_prompt", "draft_k"):
+        for name in ("steps", "batch_size", "checkpoint_every", "samples_per_prompt", "draft_k", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TiltgenError(f"{name} must be an integer >= 1, got {value!r}")
+        check_choice("mixed precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if self.batch_size % self.grad_accum:
+            raise TiltgenError(f"batch_size {self.batch_size} does not split into grad_accum {self.grad_accum} "
+                               "equal micro-batches")
         if self.method == "dpo" and self.samples_per_prompt < 2:
             raise TiltgenError("dpo needs at least 2 samples per prompt to form pairs")
         if self.lora_rank < 0:

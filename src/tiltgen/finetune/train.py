@@ -77,7 +77,9 @@ class _Step:
                  reward: Any, pool: BasePool | None, steps: int, processes: Processes):
         self.model, self.trainable, self.config, self.prompts = model, trainable, config, prompts
         self.pool, self.steps = pool, steps
-        self.mine = slice(processes.rank, None, processes.world_size)  # this process's rows of each minibatch
+        # the minibatch's rows are cut into world_size x grad_accum equal parts; part j is rows j, j + P, ...
+        self.parts = processes.world_size * config.grad_accum
+        self.first_part = processes.rank * config.grad_accum
         self.latent_reward = model.latent_reward(reward)
         family = model.backend.family
         # training conditions are the prompts alone: no CFG (FLUX keeps its embedded guidance)
@@ -88,10 +90,12 @@ class _Step:
     def _times(self, n: int, g: torch.Generator) -> torch.Tensor:
         return self.config.t_min + (1 - self.config.t_min) * torch.rand(n, generator=g, dtype=torch.float64)
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, float | None]:
+    def __call__(self, step: int, micro: int = 0) -> tuple[torch.Tensor, float | None]:
+        """Loss (mean over micro-batch ``micro`` of this process's rows of step ``step``'s
+        minibatch) and the mean reward of those rows (draft)."""
         g = torch.Generator().manual_seed(self.config.seed * STEP_SEED_STRIDE + step)
         b, dev = self.config.batch_size, self.model.backend.device
-        mine = self.mine
+        mine = slice(self.first_part + micro, None, self.parts)
         if self.config.method == "draft":
             which = torch.randint(len(self.prompts), (b,), generator=g).tolist()[mine]
             seeds = torch.randint(2**31 - 1, (b,), generator=g).tolist()[mine]
@@ -187,11 +191,17 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
 
         def train_step() -> tuple[float, float | None]:
             optimiser.zero_grad(set_to_none=True)
-            loss, r = one_step(step)
-            if not torch.isfinite(loss):
-                raise TiltgenError(f"non-finite loss at step {step}; lower --lr")
-            loss.backward()
-            loss, r = average_over_processes(trainable.parameters(), loss.detach(), r, processes)
+            total, rewards = torch.zeros(()), []
+            for micro in range(config.grad_accum):  # gradients add up over the micro-batches
+                with autocast(config.mixed_precision, processes.device):
+                    loss, r = one_step(step, micro)
+                if not torch.isfinite(loss):
+                    raise TiltgenError(f"non-finite loss at step {step}; lower --lr")
+                (loss / config.grad_accum).backward()
+                total += loss.detach().float().cpu() / config.grad_accum
+                rewards += [] if r is None else [r]
+            r = sum(rewards) / len(rewards) if rewards else None
+            loss, r = average_over_processes(trainable.parameters(), total, r, processes)
             torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
             optimiser.step()
             return loss, r
@@ -222,6 +232,16 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
     _plot(state["log"], out / "loss.png", f"{config.method}, beta {config.beta}, {reward_name(reward)}")
     write_json(out / "finetune.json", final)
     return final
+
+
+def autocast(mixed_precision: str, device: str) -> Any:
+    """The forward passes' autocast context for ``mixed_precision`` (no, bf16, fp16)."""
+    import contextlib
+
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def average_over_processes(params: Any, loss: torch.Tensor, reward: float | None, processes: Processes
