@@ -173,6 +173,8 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
         trainable.load_state_dict(saved["trainable"])
         optimiser.load_state_dict(saved["optimiser"])
         state = saved["state"]
+        if processes.is_main:
+            print(f"resumed from step {state['step']} of {config.steps}")
     one_step = _Step(latent, trainable, config, prompts, reward, pool, steps, processes)
 
     def checkpoint() -> None:
