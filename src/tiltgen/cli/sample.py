@@ -222,7 +222,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
 
     from ..backends.diffusers import DiffusersBackend
     from ..core.files import write_json
-    from ..eval.sample_job import (WORK, _remove_tree, plan_items, remove_stale_images, run_job, start_output,
+    from ..eval.sample_job import (finish_output, plan_items, remove_stale_images, run_job, start_output,
                                    write_manifest)
 
     out = Path(args.out)
@@ -297,7 +297,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
         "samples": [{"file": row["image"], "prompt": row["prompt"], "seed": row["seed"], "reward": row["reward"],
                      "terms": {k: row[k] for k in term_names}} for row in job.rows]}
     write_json(out / "sample.json", record)
-    _remove_tree(out / WORK)
+    finish_output(out)
     summary = "" if record["mean_reward"] is None else f"; mean reward {record['mean_reward']:.4f}"
     resumed = f"; {job.resumed_images} kept from the interrupted run" if job.resumed_images else ""
     stale = f"; {removed} stale images of a replaced run removed" if removed else ""

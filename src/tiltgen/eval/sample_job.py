@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,7 @@ def prepare_output(out: Path, config: dict[str, Any], *, overwrite: bool = False
 def start_output(out: Path, config: dict[str, Any], state: str) -> None:
     """Main process: clear a replaced run's files and record ``config`` for a resume."""
     if state == "fresh":
-        _remove_tree(out / WORK)
+        shutil.rmtree(out / WORK, ignore_errors=True)
         for name in ("sample.json", "manifest.jsonl", "manifest.parquet"):
             (out / name).unlink(missing_ok=True)
     if state != "complete":
@@ -118,11 +119,9 @@ def _read_json(path: Path) -> Any:
         raise TiltgenError(f"cannot read {path}: {error}; remove it or use another --out") from None
 
 
-def _remove_tree(path: Path) -> None:
-    if path.is_dir():
-        for child in path.iterdir():
-            _remove_tree(child) if child.is_dir() else child.unlink()
-        path.rmdir()
+def finish_output(out: Path) -> None:
+    """Main process, after the manifest is written: drop the resume bookkeeping."""
+    shutil.rmtree(out / WORK, ignore_errors=True)
 
 
 class Ledger:
