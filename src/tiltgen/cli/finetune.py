@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..errors import TiltgenError
-from .sample import DTYPES, prompts_from_args, writable_dir
+from .sample import DTYPES, prompts_from_args, resume_hint, writable_dir
 
 
 def _budgets(text: str | None) -> tuple[int, ...]:
@@ -38,16 +37,11 @@ def _finetune(args: argparse.Namespace) -> int:
     reward = reward_from_spec(args.reward)
     processes = join_processes(args.device)
     set_threads(processes.local_world_size, args.threads)
-    try:
+    with resume_hint(processes, f"the base samples and the last checkpoint are kept in {args.out}"):
         record = finetune(args.model, reward, prompts, config, args.out, resume=args.resume,
                           progress=not args.no_progress, device=processes.device,
                           dtype=getattr(torch, DTYPES[args.dtype]), cache_dir=args.cache_dir,
                           gradient_checkpointing=args.gradient_checkpointing, processes=processes)
-    except KeyboardInterrupt:
-        if processes.is_main:
-            print(f"interrupted; the base samples and the last checkpoint are kept in {args.out}: rerun the same "
-                  "command with --resume to continue", file=sys.stderr)
-        raise
     if not processes.is_main:
         return 0
     compute = record["compute"]

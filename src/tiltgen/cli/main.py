@@ -13,7 +13,7 @@ from .. import __version__
 from ..errors import TiltgenError
 from .calibrate import add_calibrate_parser
 from .finetune import add_finetune_parser
-from .sample import writable_dir
+from .sample import resume_hint, writable_dir
 from .sample import DTYPES, add_sample_parser
 
 
@@ -147,15 +147,10 @@ def _train_guidance(args: argparse.Namespace) -> int:
         model, schedule, reward, config, extra = _text_to_image_training(args)
     else:
         model, schedule, reward, config, extra = _analytic_training(args)
-    try:
+    with resume_hint(processes, f"the finished data batches and the last checkpoint are kept in {out}"):
         result = train_guidance(model, schedule, reward, config, out_dir=out, resume=args.resume,
                                 data_from=args.data_from, progress=not args.no_progress, processes=processes,
                                 **extra)
-    except KeyboardInterrupt:
-        if processes.is_main:
-            print(f"interrupted; the finished data batches and the last checkpoint are kept in {out}: rerun the same "
-                  "command with --resume to continue", file=sys.stderr)
-        raise
     if not processes.is_main:
         return 0
     rec = result.record

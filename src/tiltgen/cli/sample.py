@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..core.prompts import PromptRow, read_prompt_file
 from ..errors import TiltgenError
@@ -93,6 +95,17 @@ def add_memory_options(p: argparse.ArgumentParser) -> None:
 def memory_kwargs(args: argparse.Namespace) -> dict[str, bool]:
     return {"gradient_checkpointing": args.gradient_checkpointing, "vae_slicing": args.vae_slicing,
             "vae_tiling": args.vae_tiling, "offload": args.offload}
+
+
+@contextlib.contextmanager
+def resume_hint(processes: Any, kept: str) -> Iterator[None]:
+    """On Ctrl-C, the main process says what was kept and how to continue, then the interrupt goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if processes.is_main:
+            print(f"interrupted; {kept}: rerun the same command with --resume to continue", file=sys.stderr)
+        raise
 
 
 def writable_dir(path: Path) -> Path:
