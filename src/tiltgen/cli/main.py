@@ -67,11 +67,13 @@ def _bench_world(args: argparse.Namespace) -> int:
 
     processes = join_processes("cpu")
     set_threads(processes.local_world_size, args.threads)
+    start = time.perf_counter()
     if processes.distributed:  # stages split over the processes; the main one then assembles the table
         fill_stages_in_parallel(settings, work, processes, progress=not args.no_progress)
         if not processes.is_main:
             return 0
     result = run_bench(settings, work, progress=not args.no_progress)
+    result.update(wall_s=time.perf_counter() - start, processes=processes.world_size)
     text = markdown(result)
     print(text)
     if args.json:

@@ -615,6 +615,11 @@ def _flops(value: float | int | None) -> str:
     return "–" if not value else f"{float(value):.2e}"
 
 
+def _processes(result: dict[str, Any]) -> str:
+    n = int(result.get("processes", 1))
+    return "" if n == 1 else f", {n} processes"
+
+
 def markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
     lines = ["# tiltgen bench world", "",
@@ -622,7 +627,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{settings['n']} images per held-out prompt ({', '.join(repr(p) for p in settings['prompts'])}); "
              f"fine-tuning: {settings['seeds']} training seed(s), {settings['train_prompts']} training prompts; "
              f"total compute counts data, training and sampling {settings['images_for_total']} images; "
-             f"{result['wall_s']:.0f} s in all.", "",
+             f"{result['wall_s']:.0f} s in this invocation (stages found in the cache cost nothing)"
+             f"{_processes(result)}.", "",
              "| model | method | budget | proxy | proxy 95% | gold | gold 95% | fidelity | fidelity change | binary | diversity | "
              "share of exact gain | attribute TV to p* | oracle ESS | data FLOPs | train FLOPs | sampling FLOPs/img | "
              "total FLOPs | total wall (s) | proxy up, gold down |",
