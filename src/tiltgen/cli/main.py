@@ -13,8 +13,7 @@ from .. import __version__
 from ..errors import TiltgenError
 from .calibrate import add_calibrate_parser
 from .finetune import add_finetune_parser
-from .sample import resume_hint, writable_dir
-from .sample import DTYPES, add_sample_parser
+from .sample import DTYPES, add_sample_parser, resume_hint, writable_dir
 
 
 def _csv(value: str) -> list[str]:
@@ -61,7 +60,7 @@ def _bench_world(args: argparse.Namespace) -> int:
     work = Path(args.work or os.path.join(os.path.expanduser("~"), ".cache", "tiltgen", "bench-world"))
     for target in (args.json, args.plot, args.markdown):
         if target:
-            writable_dir(Path(target).parent if Path(target).parent != Path("") else Path("."))
+            writable_dir(Path(target).parent)
     from ..core.distributed import join_processes, set_threads
     from ..eval.world_bench import fill_stages_in_parallel
 
@@ -95,7 +94,7 @@ def _bench_sampling(args: argparse.Namespace) -> int:
     if args.prompts < 1 or args.n < 1 or args.repeats < 1 or min(processes) < 1:
         raise TiltgenError("--prompts, --n, --repeats and every --processes count must be >= 1")
     if args.json:
-        writable_dir(Path(args.json).parent if Path(args.json).parent != Path("") else Path("."))
+        writable_dir(Path(args.json).parent)
     result = run_sampling_bench(model=args.model, prompts=args.prompts, n=args.n, processes=processes,
                                 repeats=args.repeats, batch_size=args.batch_size, reward=args.reward or None,
                                 progress=not args.no_progress)
@@ -108,6 +107,8 @@ def _bench_sampling(args: argparse.Namespace) -> int:
 def _bench_memory(args: argparse.Namespace) -> int:
     from ..eval.memory_bench import MODELS, OPTIONS, memory_markdown, run_memory_bench
 
+    if args.json:
+        writable_dir(Path(args.json).parent)
     result = run_memory_bench(models=tuple(args.models or MODELS), options=tuple(args.options or OPTIONS),
                               batch=args.batch, steps=args.steps, method=args.method, device=args.device)
     print(memory_markdown(result))

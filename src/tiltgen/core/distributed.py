@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -92,3 +92,22 @@ def set_threads(local_world_size: int, requested: int | None = None) -> int:
     threads = threads_per_process(local_world_size, requested)
     torch.set_num_threads(threads)
     return threads
+
+
+def average_gradients(params: Iterable[torch.Tensor], values: Sequence[float], processes: Processes) -> list[float]:
+    """Mean of the parameters' gradients (in place) and of the scalars ``values`` over the
+    processes, in one all-reduce: the step of the whole minibatch when each process holds an equal
+    share. One process: the values as they are."""
+    if not processes.distributed:
+        return [float(v) for v in values]
+    from accelerate.utils import reduce
+
+    params = [q for q in params if q.grad is not None]
+    grad = params[0].grad
+    extra = torch.tensor([float(v) for v in values], dtype=grad.dtype, device=grad.device)
+    flat = reduce(torch.cat([q.grad.reshape(-1) for q in params] + [extra]), reduction="mean")
+    offset = 0
+    for q in params:
+        q.grad.copy_(flat[offset:offset + q.grad.numel()].view_as(q.grad))
+        offset += q.grad.numel()
+    return [float(v) for v in flat[offset:]]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..backends.diffusers import DiffusersBackend
 from ..backends.diffusers.loading import resolve_model_path
 from ..core.compute import measure, peak_memory
-from ..core.distributed import Processes
+from ..core.distributed import Processes, average_gradients
 from ..core.files import atomic_write, write_json
 from ..core.reward import as_reward, reward_name
 from ..errors import TiltgenError
@@ -203,7 +203,8 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
                 total += loss.detach().float().cpu() / config.grad_accum
                 rewards += [] if r is None else [r]
             r = sum(rewards) / len(rewards) if rewards else None
-            loss, r = average_over_processes(trainable.parameters(), total, r, processes)
+            loss, mean_r = average_gradients(trainable.parameters(), [total, 0.0 if r is None else r], processes)
+            r = None if r is None else mean_r
             torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
             optimiser.step()
             return loss, r
@@ -244,25 +245,6 @@ def autocast(mixed_precision: str, device: str) -> Any:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def average_over_processes(params: Any, loss: torch.Tensor, reward: float | None, processes: Processes
-                           ) -> tuple[float, float | None]:
-    """Mean gradients, loss and batch reward over the processes (one all-reduce): the step of the
-    whole minibatch. One process: the values as they are."""
-    if not processes.distributed:
-        return float(loss), reward
-    from accelerate.utils import reduce
-
-    params = [p for p in params if p.grad is not None]
-    extra = torch.tensor([float(loss), 0.0 if reward is None else reward], dtype=params[0].grad.dtype,
-                         device=params[0].grad.device)
-    flat = reduce(torch.cat([p.grad.reshape(-1) for p in params] + [extra]), reduction="mean")
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
-        offset += p.grad.numel()
-    return float(flat[-2]), None if reward is None else float(flat[-1])
 
 
 def _record(config: FinetuneConfig, wanted: dict[str, Any], state: dict[str, Any], pool: BasePool | None,

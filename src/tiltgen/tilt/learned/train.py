@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ...core.compute import measure
-from ...core.distributed import Processes
+from ...core.distributed import Processes, average_gradients
 from ...core.files import atomic_write, write_json
 from ...core.model import Model, as_model
 from ...core.reward import Reward, as_reward, reward_name
@@ -277,25 +277,10 @@ class _Run:
         self.opt.lr = self.lr_at(self.step)
         self.opt.zero_grad()
         loss.backward()
-        loss = self._average_over_processes(loss.detach())
+        (loss,) = average_gradients(self.potential.parameters(), [float(loss)], self.processes)
         self.opt.step()
         self.step += 1
-        return float(loss)
-
-    def _average_over_processes(self, loss: Tensor) -> Tensor:
-        """Mean gradients and loss over the processes (one all-reduce), as one global minibatch."""
-        if not self.processes.distributed:
-            return loss
-        from accelerate.utils import reduce
-
-        params = [q for q in self.potential.parameters() if q.grad is not None]
-        flat = torch.cat([q.grad.reshape(-1) for q in params] + [loss.reshape(1).to(params[0].grad.dtype)])
-        flat = reduce(flat, reduction="mean")
-        offset = 0
-        for q in params:
-            q.grad.copy_(flat[offset:offset + q.grad.numel()].view_as(q.grad))
-            offset += q.grad.numel()
-        return flat[-1]
+        return loss
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"net.{k}": v for k, v in self.potential.net.state_dict().items()}
