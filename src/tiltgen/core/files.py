@@ -20,3 +20,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def write_json(path: Path, data: Any, indent: int | None = 2) -> None:
     """``data`` as JSON at ``path``, atomically."""
     atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=indent)))
+
+
+def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensors of a safetensors file and its metadata ({} if none), in one read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

@@ -130,6 +130,7 @@ class Ledger:
     def __init__(self, out: Path, rank: int):
         self.folder = out / WORK
         self.path = self.folder / f"ledger-{rank}.jsonl"
+        self.checked_tail = False  # only this process appends here: a torn tail can only predate it
 
     def done(self) -> dict[int, list[dict[str, Any]]]:
         """Chunk index -> manifest rows, from every process's ledger (a torn last line is skipped)."""
@@ -146,17 +147,21 @@ class Ledger:
     def record(self, chunk: int, rows: list[dict[str, Any]]) -> None:
         line = json.dumps({"chunk": chunk, "rows": rows}) + "\n"
         # a torn line from a kill would glue onto this one: start on a fresh line
-        prefix = "\n" if self.path.is_file() and self.path.stat().st_size and not _ends_with_newline(self.path) else ""
+        prefix = "" if self.checked_tail or not _torn_tail(self.path) else "\n"
+        self.checked_tail = True
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(prefix + line)
             f.flush()
             os.fsync(f.fileno())
 
 
-def _ends_with_newline(path: Path) -> bool:
+def _torn_tail(path: Path) -> bool:
+    """Whether ``path`` exists, is not empty and does not end with a newline."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+        return f.read(1) != b"\n"
 
 
 def save_png(path: Path, image: Any, upscale: int = 1) -> None:

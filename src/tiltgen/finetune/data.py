@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..core.compute import measure
-from ..core.files import atomic_write
+from ..core.files import atomic_write, read_tensors
 from ..core.reward import evaluate_reward
 from ..tilt.learned.data import tilt_weights
 
@@ -55,10 +55,8 @@ def _save(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
 
 
 def _load(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["meta"])
+    tensors, metadata = read_tensors(path)
+    return tensors, json.loads(metadata["meta"])
 
 
 def base_pool(model: Any, prompts: Sequence[str], reward: Any, *, n: int, seed: int, steps: int,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ...core.compute import measure
 from ...core.distributed import Processes, average_gradients
-from ...core.files import atomic_write, write_json
+from ...core.files import atomic_write, read_tensors, write_json
 from ...core.model import Model, as_model
 from ...core.reward import Reward, as_reward, reward_name
 from ...core.schedules import Schedule, schedule_from_config
@@ -366,7 +366,8 @@ def _generate_sharded(model: Model, schedule: Schedule, reward: Reward, config: 
     path = lambda i: folder / f"unit-{i:06d}.safetensors"  # noqa: E731
     done = [i for i in range(len(units)) if path(i).is_file()]
     processes.wait()  # all have listed the finished batches before any adds one
-    todo = [i for i in processes.mine(list(range(len(units)))) if i not in set(done)]
+    finished = set(done)
+    todo = [i for i in processes.mine(list(range(len(units)))) if i not in finished]
     size = lambda i: units[i][2] - units[i][1]  # noqa: E731
     if done and processes.is_main:
         print(f"resumed guidance data: {sum(size(i) for i in done)} of {len(conds) * config.n_data} samples "
@@ -389,11 +390,8 @@ def _generate_sharded(model: Model, schedule: Schedule, reward: Reward, config: 
 
 
 def _read_unit(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        flops = int(f.metadata().get("flops_per_sample", "0"))
-    return {**load_file(str(path)), "flops_per_sample": flops or None}
+    tensors, metadata = read_tensors(path)
+    return {**tensors, "flops_per_sample": int(metadata.get("flops_per_sample", "0")) or None}
 
 
 def _generate(model: Model, schedule: Schedule, reward: Reward, config: TrainConfig, shape: Sequence[int],
@@ -456,11 +454,7 @@ def _load_saved_data(out: Path, saved: dict, shape: tuple[int, ...]) -> tuple[Gu
 
 
 def _restore_checkpoint(path: Path, run: "_Run") -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    run.restore(load_file(str(path)), meta)
+    run.restore(*read_tensors(path))
     if run.processes.is_main:
         print(f"resumed from step {run.step} of {run.config.steps}")
 
