@@ -84,6 +84,35 @@ def test_headline_ratio_and_its_absence():
     assert cheapest["method"] == "finetune-draft" and cheapest["ratio"] == pytest.approx(0.05)
 
 
+def test_hacking_flag_follows_each_curve_not_only_the_base():
+    """A fine-tuning curve whose gold falls from budget to budget while its proxy climbs is
+    flagged even though its gold stays above the base model's; a row above the base on both is
+    not; a guided row with proxy up and gold down against the base is."""
+    from tiltgen.eval.world_bench import flag_reward_hacking
+
+    def row(method, proxy, gold, budget=None, ci=0.01):
+        return {"model": "m", "method": method, "proxy": proxy, "gold": gold, "budget": budget,
+                "gold_ci": (gold - ci, gold + ci)}
+
+    base = row("unguided", 0.5, 0.5)
+    curve = [row("finetune-draft", 0.8, 0.70, 50), row("finetune-draft", 1.5, 0.65, 100, ci=0.1),
+             row("finetune-draft", 3.0, 0.58, 400)]
+    honest = row("learned", 0.7, 0.6)
+    hacked = row("tweedie", 0.9, 0.4)
+    rows = [base, honest, hacked] + curve
+    flag_reward_hacking(rows, {"m": base})
+    assert not base["hacking"] and not honest["hacking"] and not curve[0]["hacking"]
+    assert hacked["hacking"] and hacked["hacking_beyond_noise"] and hacked["hacking_against"] == "unguided"
+    assert curve[1]["hacking"] and not curve[1]["hacking_beyond_noise"] and curve[1]["hacking_against"] == "@50"
+    assert curve[2]["hacking"] and curve[2]["hacking_beyond_noise"] and curve[2]["hacking_against"] == "@50"
+    text = markdown({"settings": BenchSettings().to_json(), "wall_s": 1.0, "headline": {},
+                     "rows": [dict(r, proxy_ci=None, fidelity=None, binary=None, diversity=None,
+                                   fraction_of_exact_gain=None, attribute_tv=None, oracle_ess=None,
+                                   compute={"data_flops": 0, "train_flops": 0, "sampling_flops_per_image": 1,
+                                            "total_flops": 1, "total_wall_s": 1.0}) for r in rows]})
+    assert "m finetune-draft @400 (against @50)" in text and "m tweedie (against unguided)" in text
+
+
 def test_reports_are_written(tmp_path):
     compute = {"data_flops": 0, "train_flops": 0, "sampling_flops_per_image": 5, "total_flops": 5e4,
                "total_wall_s": 1.0}
