@@ -155,3 +155,42 @@ def test_finetune_in_two_processes_takes_the_same_steps_as_one(sd_dir, tmp_path,
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
         if method == "draft":
             assert a["reward"] == pytest.approx(b["reward"], rel=1e-4, abs=1e-6)
+
+
+def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(sd_dir, tmp_path):
+    """SIGKILL in the middle of fine-tuning, then the same command with --resume: it goes on from
+    the last checkpoint (weights, optimiser, step, log) and ends with the uninterrupted run's
+    loss curve and budget folders."""
+    import torch
+
+    argv = ["finetune", "--method", "rwdsm", "--model", str(sd_dir), "--reward", "brightness", "--beta", "0.5",
+            "--steps", "60", "--budgets", "40", "--batch-size", "4", "--samples-per-prompt", "4",
+            "--data-steps", "2", "--cfg", "1", "--height", "16", "--width", "16", "--checkpoint-every", "1",
+            "--no-progress", *sum((["--prompt", p] for p in PROMPTS[:3]), [])]
+    command = [sys.executable, "-m", "tiltgen.cli.main", *argv]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = subprocess.run(command + ["--out", str(whole)], env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    process = subprocess.Popen(command + ["--out", str(killed)], env=env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoint, step = killed / ".work" / "checkpoint.pt", 0
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and step < 5:
+        if checkpoint.is_file():
+            step = torch.load(checkpoint, weights_only=False)["state"]["step"]
+        time.sleep(0.01)
+    assert process.poll() is None, "finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = torch.load(checkpoint, weights_only=False)["state"]["step"]
+    assert 5 <= stopped_at < 60 and not (killed / "finetune.json").exists()
+
+    resumed = subprocess.run(command + ["--out", str(killed), "--resume"], env=env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {stopped_at} of 60" in resumed.stdout
+    curves = [[json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (whole, killed)]
+    assert [row["step"] for row in curves[1]] == list(range(1, 61))
+    assert [row["loss"] for row in curves[1]] == pytest.approx([row["loss"] for row in curves[0]], rel=1e-5, abs=1e-7)
+    assert (killed / "step-000040" / "model_index.json").is_file()
