@@ -185,3 +185,35 @@ def test_mixed_precision_and_bad_accumulation(sd_dir, tmp_path):
         config("rwdsm", grad_accum=3)
     with pytest.raises(TiltgenError, match="mixed precision"):
         config("rwdsm", mixed_precision="int8")
+
+
+def test_fp16_scales_the_loss_and_keeps_the_scale_in_the_checkpoint(sd_dir, tmp_path):
+    """fp16 needs dynamic loss scaling (small gradients underflow in half precision): the steps
+    match float32's closely and the scaler's state is checkpointed for resume."""
+    logs = {}
+    for mp in ("no", "fp16"):
+        out = tmp_path / mp
+        finetune(sd_dir, get_reward("brightness"), PROMPTS, config("rwdsm", steps=3, budgets=(), mixed_precision=mp),
+                 out, progress=False)
+        logs[mp] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logs["fp16"] == pytest.approx(logs["no"], rel=1e-2)
+    scaler = torch.load(tmp_path / "fp16" / ".work" / "checkpoint.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] > 1 and scaler["_growth_tracker"] == 3
+
+
+def test_accelerate_launch_config_sets_mixed_precision_and_accumulation(sd_dir, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16 --gradient_accumulation_steps 2` reaches every
+    process as environment variables; the command's own flags win over them."""
+    args = ["finetune", "--method", "rwdsm", "--model", str(sd_dir), "--reward", "brightness", "--beta", "0.5",
+            "--steps", "1", "--batch-size", "4", "--samples-per-prompt", "2", "--data-steps", "2", "--cfg", "1",
+            "--height", "16", "--width", "16", "--no-progress", "--prompt", "a cat"]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    assert cli(args + ["--out", str(tmp_path / "launched")]) == 0
+    saved = json.loads((tmp_path / "launched" / "config.json").read_text())["config"]
+    assert saved["mixed_precision"] == "bf16" and saved["grad_accum"] == 2
+    assert cli(args + ["--out", str(tmp_path / "own"), "--mixed-precision", "no", "--grad-accum", "1"]) == 0
+    saved = json.loads((tmp_path / "own" / "config.json").read_text())["config"]
+    assert saved["mixed_precision"] == "no" and saved["grad_accum"] == 1
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    assert cli(args + ["--out", str(tmp_path / "fp8")]) == 2

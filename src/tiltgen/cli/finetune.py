@@ -24,13 +24,17 @@ def _finetune(args: argparse.Namespace) -> int:
     from ..finetune import FinetuneConfig, finetune
     from ..rewards import reward_from_spec
 
+    from ..core.distributed import join_processes, launch_config, set_threads
+
+    launched = launch_config()  # accelerate launch's mixed precision / accumulation, unless given here
+    mixed_precision = args.mixed_precision or launched.get("mixed_precision", "no")
+    grad_accum = args.grad_accum or launched.get("grad_accum", 1)
     config = FinetuneConfig(method=args.method, beta=args.beta, steps=args.steps, batch_size=args.batch_size,
                             lr=args.lr, seed=args.seed, budgets=_budgets(args.budgets),
                             checkpoint_every=args.checkpoint_every, lora_rank=args.lora_rank,
                             samples_per_prompt=args.samples_per_prompt, data_steps=args.data_steps, cfg=args.cfg,
                             draft_k=args.draft_k, reg=args.reg, dpo_scale=args.dpo_scale, height=args.height,
-                            width=args.width, grad_accum=args.grad_accum, mixed_precision=args.mixed_precision)
-    from ..core.distributed import join_processes, set_threads
+                            width=args.width, grad_accum=grad_accum, mixed_precision=mixed_precision)
 
     prompts = prompts_from_args(args)
     writable_dir(Path(args.out))  # before the model loads
@@ -89,10 +93,12 @@ def add_finetune_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default=None,
                    help="cpu, cuda, ... (default: this process's GPU under a launcher, else cuda if available, else cpu)")
-    p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per step: the same step with 1/K of the activation memory")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
-                   help="autocast the forward passes of the loss (the weights and optimiser stay float32)")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per step: the same step with 1/K of the activation memory (default: "
+                        "accelerate launch's gradient_accumulation_steps, else 1)")
+    p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"],
+                   help="autocast the forward passes of the loss; the weights and optimiser stay float32, fp16 "
+                        "scales the loss (default: accelerate launch's mixed_precision, else no)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads per process (default: $OMP_NUM_THREADS, else cores / local processes)")
     p.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")

@@ -67,6 +67,26 @@ def join_processes(device: str | None = None) -> Processes:
                      device=device or str(state.device), state=state)
 
 
+def launch_config() -> dict[str, Any]:
+    """What ``accelerate launch`` passes down from its config file or flags to every process:
+    ``mixed_precision`` ("no", "bf16", "fp16") and ``grad_accum`` (gradient accumulation steps),
+    each only when the launcher set it (``ACCELERATE_MIXED_PRECISION``,
+    ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``). A command's own flags take precedence."""
+    out: dict[str, Any] = {}
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if mixed:
+        if mixed not in ("no", "bf16", "fp16"):
+            from ..errors import TiltgenError
+
+            raise TiltgenError(f"the accelerate launch configuration asks for mixed precision {mixed!r}; tiltgen "
+                               "supports no, bf16 and fp16")
+        out["mixed_precision"] = mixed
+    steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "").strip()
+    if steps and steps != "auto":
+        out["grad_accum"] = int(steps)
+    return out
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -166,12 +166,15 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
             pool = make_pool()  # the others read the main process's finished pool
     trainable = TrainableDenoiser(backend, config.lora_rank)
     optimiser = torch.optim.AdamW(trainable.parameters(), lr=config.lr, weight_decay=0.0)
+    scaler = loss_scaler(config.mixed_precision, processes.device)
     state = {"step": 0, "log": [], "train_wall_s": 0.0, "flops_per_step": 0, "peak_mem_bytes": 0, "written": []}
     ckpt = out / ".work" / "checkpoint.pt"
     if ckpt.is_file():
         saved = torch.load(ckpt, map_location="cpu", weights_only=False)
         trainable.load_state_dict(saved["trainable"])
         optimiser.load_state_dict(saved["optimiser"])
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         state = saved["state"]
         if processes.is_main:
             print(f"resumed from step {state['step']} of {config.steps}")
@@ -181,7 +184,8 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
         if not processes.is_main:
             return
         atomic_write(ckpt, lambda p: torch.save({"trainable": trainable.state_dict(),
-                                                 "optimiser": optimiser.state_dict(), "state": state}, p))
+                                                 "optimiser": optimiser.state_dict(), "scaler": scaler.state_dict(),
+                                                 "state": state}, p))
 
     def record() -> dict[str, Any]:
         return _record(config, wanted, state, pool, trainable, backend)
@@ -199,14 +203,17 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
                     loss, r = one_step(step, micro)
                 if not torch.isfinite(loss):
                     raise TiltgenError(f"non-finite loss at step {step}; lower --lr")
-                (loss / config.grad_accum).backward()
+                scaler.scale(loss / config.grad_accum).backward()
                 total += loss.detach().float().cpu() / config.grad_accum
                 rewards += [] if r is None else [r]
             r = sum(rewards) / len(rewards) if rewards else None
+            # every process holds the same scale, so the averaged gradients stay consistently scaled
             loss, mean_r = average_gradients(trainable.parameters(), [total, 0.0 if r is None else r], processes)
             r = None if r is None else mean_r
+            scaler.unscale_(optimiser)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
-            optimiser.step()
+            scaler.step(optimiser)  # skipped (and the scale lowered) when fp16 gradients overflowed
+            scaler.update()
             return loss, r
 
         cost = measure(train_step, count_flops=state["flops_per_step"] == 0, device=processes.device)
@@ -235,6 +242,12 @@ def finetune(model: str | os.PathLike, reward: Any, prompts: Sequence[str], conf
     _plot(state["log"], out / "loss.png", f"{config.method}, beta {config.beta}, {reward_name(reward)}")
     write_json(out / "finetune.json", final)
     return final
+
+
+def loss_scaler(mixed_precision: str, device: str) -> torch.amp.GradScaler:
+    """fp16's dynamic loss scaling (small gradients would underflow in half precision); a
+    pass-through scaler for bf16 and float32."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=mixed_precision == "fp16")
 
 
 def autocast(mixed_precision: str, device: str) -> Any:
