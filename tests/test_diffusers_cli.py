@@ -35,7 +35,12 @@ def test_sample_writes_images_and_record(sd_dir, tmp_path, method, capsys):
     assert all(isinstance(s["reward"], float) for s in record["samples"])
     assert set(record["samples"][0]["terms"]) == {"brightness", "saturation", "eval:jpeg"}
     assert all((out / s["file"]).is_file() for s in record["samples"])
-    assert "4 images in" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "4 images in" in captured.out
+    if method == "unguided":  # it samples the base model: the manifest must not claim a tilt
+        assert "--beta is ignored with --method unguided" in captured.err and record["beta"] is None
+    else:
+        assert "ignored" not in captured.err and record["beta"] == 0.05
 
 
 def test_sample_errors_are_clean(tmp_path, sd_dir, capsys):

@@ -160,6 +160,13 @@ def _check_args(args: argparse.Namespace) -> list[PromptRow]:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise TiltgenError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.method == "unguided":
+        ignored = [flag for flag, value in (("--beta", args.beta), ("--scale", args.scale),
+                                            ("--guidance", args.guidance)) if value is not None]
+        if ignored:
+            print(f"tiltgen: warning: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with "
+                  "--method unguided (it samples the base model)", file=sys.stderr)
+            args.beta = args.scale = args.guidance = None  # the manifest must not claim a tilt
     writable_dir(Path(args.out))  # before any model loads: an unwritable --out must not cost the samples
     return rows
 

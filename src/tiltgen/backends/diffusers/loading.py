@@ -88,6 +88,14 @@ def check_components(path: Path, index: dict[str, Any]) -> None:
         raise TiltgenError(f"pipeline folder {path} is incomplete; missing component(s): {', '.join(missing)}")
 
 
+def _dtype_keyword() -> str:
+    """``dtype`` where diffusers accepts it (it deprecates ``torch_dtype`` with a warning on every
+    load), else ``torch_dtype``."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_pipeline(name_or_path: str | os.PathLike, *, torch_dtype: Any = None, cache_dir: str | os.PathLike | None = None,
                   revision: str | None = None, variant: str | None = None) -> Any:
     """Load the diffusers pipeline named by ``model_index.json`` from a folder or the local HF cache."""
@@ -106,7 +114,7 @@ def load_pipeline(name_or_path: str | os.PathLike, *, torch_dtype: Any = None, c
     cls = getattr(diffusers, class_name)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs[_dtype_keyword()] = torch_dtype
     if variant is not None:
         kwargs["variant"] = variant
     # components the folder omits (e.g. SD3 saved without its T5 encoder) load as None
