@@ -173,10 +173,10 @@ def _check_args(args: argparse.Namespace) -> list[PromptRow]:
 
 def load_rewards(spec: str | None, eval_spec: str | None) -> tuple[Any, dict[str, Any]]:
     """The target reward of a spec (or None) and the held-out rewards, by name."""
-    from ..rewards import get_reward, parse_reward_spec, reward_from_spec
+    from ..rewards import build_term, parse_reward_spec, reward_from_spec
 
     reward = reward_from_spec(spec) if spec else None
-    held_out = {name: get_reward(name, **kwargs) for name, kwargs, _ in parse_reward_spec(eval_spec)[0]} \
+    held_out = {name: build_term(name, kwargs) for name, kwargs, _ in parse_reward_spec(eval_spec)[0]} \
         if eval_spec else {}
     return reward, held_out
 

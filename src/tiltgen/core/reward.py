@@ -29,12 +29,17 @@ class Reward(Protocol):
 
 
 class CallableReward:
-    """Wrap a plain callable ``fn(x0, cond)`` or ``fn(x0)`` as a :class:`Reward`."""
+    """Wrap a plain callable ``fn(x0, cond)`` or ``fn(x0)`` as a :class:`Reward`.
 
-    def __init__(self, fn: Callable[..., Tensor], differentiable: bool, name: str | None = None,
+    ``differentiable`` None (undeclared) is taken as True and checked where a gradient is first
+    taken: :func:`evaluate_reward` stops with a clear error if the output is not connected to
+    the images by autograd."""
+
+    def __init__(self, fn: Callable[..., Tensor], differentiable: bool | None, name: str | None = None,
                  takes_cond: bool = True):
         self.fn = fn
-        self.differentiable = bool(differentiable)
+        self.declared = differentiable is not None
+        self.differentiable = True if differentiable is None else bool(differentiable)
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.takes_cond = takes_cond
 
@@ -43,19 +48,21 @@ class CallableReward:
 
 
 def as_reward(fn: Callable[..., Tensor], differentiable: bool | None = None, name: str | None = None) -> Reward:
-    """Return ``fn`` as a :class:`Reward`; ``differentiable`` is required unless declared."""
+    """Return ``fn`` as a :class:`Reward`. Differentiability: ``differentiable`` if given, else
+    the callable's own ``differentiable`` attribute, else inferred (assumed, and checked by
+    autograd the first time a gradient method uses it)."""
+    if not callable(fn):
+        raise TiltgenError(f"a reward must be callable as fn(x0, cond) -> tensor[N]; got a {type(fn).__name__}")
     declared = getattr(fn, "differentiable", None)
-    if declared is not None and differentiable in (None, declared):
+    if declared is not None and differentiable in (None, declared) and name in (None, getattr(fn, "name", None)):
         return fn  # type: ignore[return-value]
-    if differentiable is None:
-        raise TiltgenError("the reward does not declare whether it is differentiable; pass differentiable=True/False")
     import inspect
 
     try:
         n_params = len(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         n_params = 2
-    return CallableReward(fn, differentiable, name, takes_cond=n_params != 1)
+    return CallableReward(fn, declared if differentiable is None else differentiable, name, takes_cond=n_params != 1)
 
 
 def reward_name(reward: Reward) -> str:
@@ -70,6 +77,15 @@ def evaluate_reward(reward: Reward, x0: Tensor, cond: Any = None) -> Tensor:
     if values.shape != (x0.shape[0],):
         raise TiltgenError(f"reward {reward_name(reward)!r} returned shape {tuple(values.shape)}, "
                            f"expected [{x0.shape[0]}] (one value per sample)")
+    if getattr(reward, "differentiable", False) and x0.requires_grad and torch.is_grad_enabled() \
+            and not values.requires_grad:
+        how = "it was assumed differentiable (it declares nothing)" if getattr(reward, "declared", True) is False \
+            else "it is declared differentiable"
+        raise TiltgenError(f"reward {reward_name(reward)!r} gives no gradient with respect to the images: its output "
+                           f"is not connected to them by autograd (numpy, PIL, .item(), .detach() ...), but {how}. "
+                           "Gradient methods (tweedie, trainingfree, draft) cannot use it; declare it with "
+                           "differentiable=False (an attribute, or the spec's differentiable=false) and use "
+                           "learned guidance, best-of-n, smc, rwdsm or dpo, which need reward values only")
     finite = torch.isfinite(values.detach())
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten()[:5].tolist()

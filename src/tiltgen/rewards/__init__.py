@@ -9,6 +9,7 @@ __all__ = ["CallableReward", "CountingReward", "Reward", "as_reward", "evaluate_
 
 # issue 6: the image reward zoo (transformers is imported only when a CLIP/BLIP reward is built)
 from . import blip, clip_rewards, simple  # noqa: E402,F401  (registers brightness, saturation, jpeg, ...)
-from .combine import WeightedReward, parse_reward_spec, reward_from_spec  # noqa: E402
+from .combine import WeightedReward, build_term, parse_reward_spec, reward_from_spec  # noqa: E402
+from .user import load_user_reward  # noqa: E402
 
-__all__ += ["WeightedReward", "parse_reward_spec", "reward_from_spec"]
+__all__ += ["WeightedReward", "build_term", "load_user_reward", "parse_reward_spec", "reward_from_spec"]

@@ -2,7 +2,9 @@
 
 Spec: comma-separated terms ``name[(key=value;key=value)][:weight]``, e.g.
 ``'pickscore:1.0,aesthetic(head=/w/sac+logos+ava1-l14-linearMSE.pth):0.5'``. Values are parsed
-as int, float, true/false, else kept as strings; the weight defaults to 1.
+as int, float, true/false, else kept as strings; the weight defaults to 1. ``name`` is a
+registered reward, or a user's callable: ``my_module:function`` or ``path/to/file.py:function``
+(see :mod:`tiltgen.rewards.user`), e.g. ``'my_rewards.py:sharpness(differentiable=false):0.5'``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from torch import Tensor
 from ..core.reward import Reward, as_reward, evaluate_reward, reward_name
 from ..errors import TiltgenError
 from .registry import get_reward
+from .user import load_user_reward, split_user_target
 
-_TERM = re.compile(r"^\s*([A-Za-z0-9_\-]+)\s*(?:\((.*)\))?\s*(?::\s*([-+0-9.eE]+))?\s*$")
+# a term's target: path/file.py:function, module.path:function, or a registered name
+_TERM = re.compile(r"^\s*([^\s():,]+?\.py:[A-Za-z_]\w*|[A-Za-z_][\w.]*:[A-Za-z_]\w*|[A-Za-z0-9_\-]+)"
+                   r"\s*(?:\((.*)\))?\s*(?::\s*([-+0-9.eE]+))?\s*$")
 
 
 class WeightedReward:
@@ -30,6 +35,7 @@ class WeightedReward:
             raise TiltgenError("a weighted reward needs at least one term")
         self.terms = [(float(w), as_reward(r)) for w, r in terms]
         self.differentiable = all(r.differentiable for _, r in self.terms)
+        self.declared = all(getattr(r, "declared", True) for _, r in self.terms)
         self.name = "+".join(f"{w:g}*{reward_name(r)}" for w, r in self.terms)
         self.last_terms: dict[str, Tensor] = {}
 
@@ -90,15 +96,22 @@ def parse_reward_spec(spec: str) -> tuple[list[tuple[str, dict[str, Any], float]
     return parsed, spec
 
 
+def build_term(name: str, kwargs: dict[str, Any]) -> Reward:
+    """One term of a spec: a user's callable (``module:function``, ``file.py:function``) or a
+    registered reward built with ``kwargs``."""
+    user = split_user_target(name)
+    if user is not None:
+        return load_user_reward(*user, kwargs)
+    try:
+        return get_reward(name, **kwargs)
+    except TypeError as error:  # a misspelt or missing argument of the factory
+        raise TiltgenError(f"reward {name!r}: {error}") from None
+
+
 def reward_from_spec(spec: str) -> Reward:
-    """Build a registered reward or a weighted sum of them from a spec string."""
+    """Build a reward or a weighted sum of them from a spec string."""
     terms, _ = parse_reward_spec(spec)
-    built = []
-    for name, kwargs, weight in terms:
-        try:
-            built.append((weight, get_reward(name, **kwargs)))
-        except TypeError as error:  # a misspelt or missing argument of the factory
-            raise TiltgenError(f"reward {name!r}: {error}") from None
+    built = [(weight, build_term(name, kwargs)) for name, kwargs, weight in terms]
     if len(built) == 1 and built[0][0] == 1.0:
         return built[0][1]
     return WeightedReward(built)

@@ -589,6 +589,7 @@ class LatentReward:
         self.reward = as_reward(reward)
         self.model = model
         self.differentiable = self.reward.differentiable
+        self.declared = getattr(self.reward, "declared", True)
         self.name = reward_name(self.reward)
 
     def __call__(self, x0: Tensor, cond: Any = None) -> Tensor:
