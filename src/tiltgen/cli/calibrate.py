@@ -69,8 +69,7 @@ def _write_record(path: Path, record: dict) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from ..builtin import resolve_weights
     from ..core.reward import reward_name
-    from ..eval.estimators import check_base_model
-    from ..tilt.learned import CalibrationConfig, calibrate_scale, load_guidance
+    from ..tilt.learned import CalibrationConfig, calibrate_scale, check_base_model, load_guidance
 
     config = CalibrationConfig(n=args.n, max_conditions=args.max_prompts, scales=_scales(args.scales), seed=args.seed)
     folder = resolve_weights(args.guidance, "guidance")

@@ -45,7 +45,10 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
                    help="multiplier of the guidance term (default 1; --method learned: the network's calibrated "
                         "scale, if `tiltgen calibrate-guidance` recorded one)")
     p.add_argument("--t-window", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for t in [LO, HI]")
-    p.add_argument("--guidance", help="--method learned: folder written by train-guidance, or builtin:<name>")
+    p.add_argument("--guidance", help="--method learned: folder written by train-guidance, builtin:<name>, or a "
+                                      "hub id (org/name) in the local Hugging Face cache")
+    p.add_argument("--force-guidance", action="store_true",
+                   help="use a guidance network trained for another base model (refused otherwise; a warning)")
     p.add_argument("--data-var", type=float, default=None,
                    help="--method trainingfree: per-dimension data variance (default: the model's tiltgen.json, else 1)")
     p.add_argument("--variant", default=None,
@@ -143,7 +146,8 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     args.variant = args.variant or default_variant(model)
     estimator, args.beta = build_estimator(model, args.method, reward, args.beta, guidance=args.guidance,
                                            scale=args.scale, t_window=tuple(args.t_window) if args.t_window else None,
-                                           data_var=args.data_var, variant=args.variant, seed=args.seed)
+                                           data_var=args.data_var, variant=args.variant, seed=args.seed,
+                                           force_guidance=args.force_guidance, cache_dir=args.cache_dir)
     if args.method != "unguided":
         args.scale = float(getattr(estimator, "scale", 1.0 if args.scale is None else args.scale))
     return estimator

@@ -3,7 +3,6 @@ and ``tiltgen demo`` (diffusers pipelines and built-in models alike)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..errors import TiltgenError
@@ -14,18 +13,21 @@ DEFAULT_BETA = 0.1
 
 def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *, guidance: str | None = None,
                     scale: float | None = None, t_window: tuple[float, float] | None = None, data_var: float | None = None,
-                    variant: str | None = None, seed: int = 0) -> tuple[Any, float | None]:
+                    variant: str | None = None, seed: int = 0, force_guidance: bool = False,
+                    cache_dir: str | None = None) -> tuple[Any, float | None]:
     """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a diffusers
     LatentModel). ``learned`` loads ``guidance`` (a folder or ``builtin:<name>``), refuses a
     network trained for another base model and tilts at the network's own beta: a different
     ``beta`` raises. ``tweedie`` and ``trainingfree`` need ``reward`` and default to beta = 0.1;
     ``data_var`` and ``variant`` default to the model's ``tiltgen.json`` values, else 1 and
     ``bounded`` (:func:`default_variant`). ``scale`` multiplies the guidance term: default 1, and for
-    ``learned`` the network's calibrated scale when it has one (``tiltgen calibrate-guidance``)."""
+    ``learned`` the network's calibrated scale when it has one (``tiltgen calibrate-guidance``).
+    ``guidance`` may also be a hub id in the local cache (``cache_dir``); ``force_guidance`` loads a
+    network trained for another base model with a warning instead of refusing it."""
     if method == "unguided":
         return None, beta
     if method == "learned":
-        return _learned(model, guidance, beta, scale, t_window)
+        return _learned(model, guidance, beta, scale, t_window, force_guidance, cache_dir)
     if method not in METHODS:
         raise TiltgenError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if reward is None:
@@ -53,36 +55,18 @@ def default_variant(model: Any) -> str:
 
 
 def _learned(model: Any, guidance: str | None, beta: float | None, scale: float | None,
-             t_window: tuple[float, float] | None) -> tuple[Any, float | None]:
-    from ..builtin import resolve_weights
-    from ..tilt.learned import load_guidance
+             t_window: tuple[float, float] | None, force: bool = False,
+             cache_dir: str | None = None) -> tuple[Any, float | None]:
+    from ..tilt.learned import from_pretrained
 
     if not guidance:
         raise TiltgenError("--method learned needs --guidance PATH (a folder written by train-guidance)")
-    path = resolve_weights(guidance, "guidance")
-    record_path = path / "guidance.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    check_base_model(record, model, path)
+    estimator = from_pretrained(guidance, model, force=force, scale=scale, cache_dir=cache_dir)
+    record = estimator.record
     trained_beta = float(record["beta"]) if "beta" in record else None
     if beta is not None and trained_beta is not None and abs(beta - trained_beta) > 1e-12:
-        raise TiltgenError(f"the guidance network in {path} was trained at beta={trained_beta:g}; "
+        raise TiltgenError(f"the guidance network {guidance} was trained at beta={trained_beta:g}; "
                            f"omit --beta or pass the same value (got {beta:g})")
-    # prompt-conditional networks are trained on model.prompt_embedding (pooled text embedding)
-    conditional = int(record.get("net", {}).get("cond_dim", 0) or 0) > 0
-    estimator = load_guidance(path, cond_encoder=model.prompt_embedding if conditional else None, scale=scale)
     if t_window is not None:
         estimator.t_window = t_window
     return estimator, trained_beta
-
-
-def check_base_model(record: dict, model: Any, path: Any) -> None:
-    """Refuse a guidance network trained on another base model (names and fingerprints differ)."""
-    base = record.get("base_model")
-    fingerprint = getattr(model, "fingerprint", None)
-    if not isinstance(base, dict) or fingerprint is None:
-        return
-    mine = fingerprint()
-    if base.get("fingerprint") != mine:
-        raise TiltgenError(f"the guidance network in {path} was trained for {base.get('name')!r} "
-                           f"(fingerprint {base.get('fingerprint')}), not for {getattr(model, 'name', '?')!r} "
-                           f"(fingerprint {mine}); train one for this model with `tiltgen train-guidance`")

@@ -93,6 +93,21 @@ class LearnedGuidance:
         self.cond_encoder = cond_encoder
         self.scale = float(scale)
         self.t_window = check_window(t_window)
+        self.record: dict[str, Any] = {}  # the training record (guidance.json) when trained or loaded
+
+    def save_pretrained(self, folder: Any) -> Any:
+        """Write the weights, the record and a model card to ``folder`` (see :mod:`.pretrained`)."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: Any, model: Any = None, **kwargs: Any) -> "LearnedGuidance":
+        """A folder, ``builtin:<name>`` or cached hub id; refused for another base ``model``
+        unless ``force=True`` (see :func:`.pretrained.from_pretrained`)."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(name_or_path, model, **kwargs)
 
     def embed(self, cond: Any, n: int) -> Tensor | None:
         if self.cond_encoder is None:

@@ -7,6 +7,7 @@ Output directory layout (every file written atomically: temp file, then rename):
     checkpoint.safetensors  weights + optimiser state + RNG state; run state in its metadata
     guidance.safetensors final weights          guidance.json  record (beta, reward, model,
     loss.png             loss curve                              data size, training compute)
+    README.md            the model card (base model and fingerprint, reward, beta, prompts)
 
 Resuming re-reads the data and the latest checkpoint and continues from its step with
 the same minibatch RNG state, so a resumed run reproduces the uninterrupted one.
@@ -277,7 +278,7 @@ class _Run:
         self.opt.lr = self.lr_at(self.step)
         self.opt.zero_grad()
         loss.backward()
-        (loss,) = average_gradients(self.potential.parameters(), [float(loss)], self.processes)
+        (loss,) = average_gradients(self.potential.parameters(), [float(loss.detach())], self.processes)
         self.opt.step()
         self.step += 1
         return loss
@@ -600,11 +601,16 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
 
     record = _record(full_config, run, data, pool, data_wall)
     if out is not None and processes.is_main:
+        from .pretrained import write_model_card
+
         _write_tensors(out / "guidance.safetensors", run.final_weights())
         write_json(out / "guidance.json", record)
+        write_model_card(out, record)
         plot_losses(run.losses, out / "loss.png", title=f"{record['reward']} beta={config.beta:g} ({config.loss})",
                     held_out=run.val_losses)
-    return TrainResult(LearnedGuidance(potential, cond_encoder), record, run.losses)
+    guidance = LearnedGuidance(potential, cond_encoder)
+    guidance.record = record
+    return TrainResult(guidance, record, run.losses)
 
 
 def _record(full_config: dict, run: _Run, data: GuidanceData, pool: Pool, data_wall: float) -> dict:
@@ -616,7 +622,14 @@ def _record(full_config: dict, run: _Run, data: GuidanceData, pool: Pool, data_w
             "held_out_curve": run.val_losses,
             "train_model_evals": data.model_evals + pool.model_evals, "train_reward_evals": data.reward_evals,
             "train_wall_s": data_wall + run.train_wall,
-            "train_flops_per_step": run.step_flops, "train_flops": run.step_flops * run.step}
+            "train_flops_per_step": run.step_flops, "train_flops": run.step_flops * run.step,
+            "tiltgen_version": _version()}
+
+
+def _version() -> str:
+    from ... import __version__
+
+    return __version__
 
 
 def plot_losses(losses: Sequence[float], path: Path, title: str = "",
@@ -661,4 +674,6 @@ def load_guidance(out_dir: str | Path, cond_encoder: CondEncoder | None = None,
                                   noise_tilt=bool(record.get("train", {}).get("noise_tilt", False)))
     if scale is None:
         scale = float((record.get("calibration") or {}).get("scale", 1.0))
-    return LearnedGuidance(potential, cond_encoder, scale)
+    guidance = LearnedGuidance(potential, cond_encoder, scale)
+    guidance.record = record
+    return guidance
