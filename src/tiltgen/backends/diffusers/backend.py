@@ -91,9 +91,11 @@ class DiffusersBackend:
 
     def __init__(self, pipe: Any, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  gradient_checkpointing: bool = False, info: dict[str, Any] | None = None, name: str | None = None,
-                 vae_slicing: bool = False, vae_tiling: bool = False, offload: bool = False):
+                 vae_slicing: bool = False, vae_tiling: bool = False, offload: bool = False, adopt: bool = True):
         """``info``: the folder's ``tiltgen.json`` (built-in models): default steps, CFG and T5
-        length, and the vocabulary prompts must stay within; ``name``: how the model was addressed."""
+        length, and the vocabulary prompts must stay within; ``name``: how the model was addressed.
+        ``adopt`` False: a read-only view of a pipeline the caller owns (``tiltgen.guide``): no
+        casting or moving, no ``requires_grad_``/``eval`` and no memory options are applied to it."""
         self.info = dict(info or {})
         self.name = name or self.info.get("name") or type(pipe).__name__
         name = type(pipe).__name__
@@ -101,6 +103,9 @@ class DiffusersBackend:
             raise TiltgenError(f"pipeline class {name!r} is not supported; supported: {', '.join(FAMILIES)}")
         self.pipe = pipe
         self.family = FAMILIES[name]
+        if not adopt and (offload or dtype is not None or device is not None or gradient_checkpointing
+                          or vae_slicing or vae_tiling):
+            raise TiltgenError("a pipeline viewed without adopting it keeps its own device, dtype and memory settings")
         if offload and (device is None or torch.device(device).type != "cuda"):
             raise TiltgenError("offload keeps modules on the CPU and moves each to the GPU when it runs: it needs "
                                f"a CUDA device (got {device or 'none'})")
@@ -113,10 +118,12 @@ class DiffusersBackend:
         self.denoiser = pipe.unet if self.family in ("sd", "sdxl") else pipe.transformer
         # with offload the modules sit on the CPU between calls; tensors live on the execution device
         self.device = torch.device(device) if offload else self.denoiser.device
+        if not adopt:  # the caller's pipeline may offload itself: compute where it runs its modules
+            self.device = torch.device(getattr(pipe, "_execution_device", self.device))
         self.dtype = self.denoiser.dtype
         self.memory_options = {"gradient_checkpointing": gradient_checkpointing, "vae_slicing": vae_slicing,
                                "vae_tiling": vae_tiling, "offload": offload}
-        for module in self._modules():
+        for module in self._modules() if adopt else ():
             module.requires_grad_(False)
             module.eval()
         if gradient_checkpointing:

@@ -1,0 +1,162 @@
+"""`tiltgen.guide(pipe, ...)`: reward guidance inside the user's own pipeline call. Its outputs
+equal tiltgen's own sampler on the same seeds, the pipeline's options keep working, and the
+pipeline object is left exactly as it was."""
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("diffusers")
+
+import diffusers_tiny as tiny  # noqa: E402
+
+import tiltgen  # noqa: E402
+from tiltgen.backends.diffusers import DiffusersBackend  # noqa: E402
+from tiltgen.errors import TiltgenError  # noqa: E402
+from tiltgen.eval.estimators import build_estimator  # noqa: E402
+from tiltgen.rewards import get_reward  # noqa: E402
+
+SIZE = 16
+PROMPTS = ["a cat", "a dog"]
+SEEDS = [3, 7]
+# builder, kwargs, steps, guidance scale
+CASES = {
+    "sd-ddim": (tiny.tiny_sd, {"scheduler": "ddim"}, 3, 2.0),
+    "sd-euler-v": (tiny.tiny_sd, {"scheduler": "euler", "prediction_type": "v_prediction"}, 3, 2.0),
+    "sdxl": (tiny.tiny_sdxl, {}, 3, 2.0),
+    "sdxl-turbo-1step": (tiny.tiny_sdxl, {}, 1, 0.0),
+    "sd3": (tiny.tiny_sd3, {}, 3, 2.0),
+    "flux": (tiny.tiny_flux, {}, 3, 1.0),
+}
+
+
+def loaded(build, **kwargs):
+    """A tiny pipeline as from_pretrained leaves it (modules in eval mode)."""
+    pipe = build(**kwargs)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
+
+
+def extra(pipe):
+    return {"max_sequence_length": 8} if type(pipe).__name__ == "FluxPipeline" else {}
+
+
+def state_of(pipe):
+    """What a call must leave unchanged: module attributes, hooks, flags, grads, configs."""
+    out = {"scheduler": dict(pipe.scheduler.config), "scheduler_class": type(pipe.scheduler)}
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            out[name] = (set(module.__dict__), module.training, module.dtype,
+                         [p.requires_grad for p in module.parameters()],
+                         [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in module.modules()])
+    return out
+
+
+def pipeline_latents(pipe, call, steps, scale, **kwargs):
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    out = call(PROMPTS, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=scale, generator=gens,
+               output_type="latent", **extra(pipe), **kwargs).images
+    if type(pipe).__name__ == "FluxPipeline":
+        out = pipe._unpack_latents(out, SIZE, SIZE, pipe.vae_scale_factor)
+    return out
+
+
+def close(a, b):
+    return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()) + 1e-5
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_guided_pipeline_equals_tiltgen_sampling_and_leaves_the_pipeline_as_it_was(case):
+    build, kwargs, steps, scale = CASES[case]
+    pipe = loaded(build, **kwargs)
+    plain = pipeline_latents(pipe, pipe, steps, scale)  # (a first call lets diffusers add its lazy hook registry)
+    before = state_of(pipe)
+    guided = tiltgen.guide(pipe, reward="brightness", method="tweedie", beta=0.1)
+    ours = pipeline_latents(pipe, guided, steps, scale)
+    assert state_of(pipe) == before
+    assert torch.equal(pipeline_latents(pipe, pipe, steps, scale), plain)  # unguided again, bit for bit
+
+    model = DiffusersBackend(loaded(build, **kwargs)).at(SIZE, SIZE, guidance_scale=scale)
+    cond = model.encode(PROMPTS, **extra(pipe))
+    estimator, _ = build_estimator(model, "tweedie", get_reward("brightness"), 0.1)
+    ref = model.sample(cond, seeds=SEEDS, steps=steps, guidance=estimator, decode=False).latents
+    assert close(ours, ref), f"{case}: max |diff| {float((ours - ref).abs().max())}"
+    assert float((ours - plain).abs().max()) > 100 * (1e-5 * float(ref.abs().max()) + 1e-5)  # it did guide
+
+
+def test_learned_noise_tilt_on_the_builtin_one_step_model_equals_tiltgen_sampling():
+    from diffusers import DiffusionPipeline
+
+    from tiltgen.builtin import builtin_path
+
+    folder = builtin_path("builtin:world-onestep")
+    info = json.loads((folder / "tiltgen.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    prompts = ["a red shape", "two shapes"]
+    guided = tiltgen.guide(pipe, method="learned", guidance="builtin:guidance-onestep-proxy")
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    ours = guided(prompts, num_inference_steps=1, guidance_scale=info["default_cfg"], generator=gens,
+                  output_type="latent").images
+    model = DiffusersBackend.from_pretrained("builtin:world-onestep").at(guidance_scale=info["default_cfg"])
+    estimator, _ = build_estimator(model, "learned", None, None, guidance="builtin:guidance-onestep-proxy")
+    ref = model.sample(model.encode(prompts), seeds=SEEDS, steps=1, guidance=estimator, decode=False).latents
+    plain = model.sample(model.encode(prompts), seeds=SEEDS, steps=1, decode=False).latents
+    assert close(ours, ref) and float((ref - plain).abs().max()) > 1e-2
+
+
+def test_the_pipelines_own_options_keep_working():
+    """Negative prompts (against tiltgen's own negative prompts), callback_on_step_end, image
+    output, num_images_per_prompt and a scheduler swapped in by the user."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = loaded(tiny.tiny_sd, scheduler="ddim")
+    guided = tiltgen.guide(pipe, reward="brightness", method="trainingfree", beta=0.1)
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((step, tuple(kwargs["latents"].shape)))
+        return kwargs
+
+    ours = pipeline_latents(pipe, guided, 3, 2.0, negative_prompt=["ugly", "blurry"], callback_on_step_end=callback)
+    assert seen == [(0, (2, 4, 8, 8)), (1, (2, 4, 8, 8)), (2, (2, 4, 8, 8))]
+    model = DiffusersBackend(loaded(tiny.tiny_sd, scheduler="ddim")).at(SIZE, SIZE, guidance_scale=2.0)
+    estimator, _ = build_estimator(model, "trainingfree", get_reward("brightness"), 0.1)
+    ref = model.sample(model.encode(PROMPTS, ["ugly", "blurry"]), seeds=SEEDS, steps=3, guidance=estimator,
+                       decode=False).latents
+    assert close(ours, ref)
+
+    images = guided("a cat", num_images_per_prompt=3, height=SIZE, width=SIZE, num_inference_steps=2,
+                    output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (3, 3, SIZE, SIZE) and 0 <= float(images.min()) and float(images.max()) <= 1
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    swapped = pipeline_latents(pipe, guided, 3, 2.0)
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and torch.isfinite(swapped).all()
+    assert float((swapped - pipeline_latents(pipe, pipe, 3, 2.0)).abs().max()) > 1e-3
+
+
+def test_bad_calls_get_clear_errors():
+    pipe = loaded(tiny.tiny_sd, scheduler="ddim")
+    with pytest.raises(TiltgenError, match="does not support str; supported pipelines: StableDiffusionPipeline"):
+        tiltgen.guide("not a pipeline", reward="brightness")
+    with pytest.raises(TiltgenError, match="particle methods"):
+        tiltgen.guide(pipe, reward="brightness", particles=4)
+    with pytest.raises(TiltgenError, match="needs a reward"):
+        tiltgen.guide(pipe)
+    with pytest.raises(TiltgenError, match="unknown method"):
+        tiltgen.guide(pipe, reward="brightness", method="magic")
+
+    def needs_prompts(images, prompts):
+        return images.mean((1, 2, 3)) * torch.tensor([len(p) for p in prompts], dtype=images.dtype)
+
+    guided = tiltgen.guide(pipe, reward=needs_prompts, method="tweedie", beta=0.1)
+    embeds, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
+    with pytest.raises(TiltgenError, match="call the pipeline with prompt=..."):
+        guided(prompt_embeds=embeds, negative_prompt_embeds=negative, height=SIZE, width=SIZE, num_inference_steps=2)
+    assert "forward" not in pipe.unet.__dict__  # restored after an error too
