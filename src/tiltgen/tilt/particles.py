@@ -22,6 +22,14 @@ would need the divergence of the guided flow; that combination is refused.
 Without a drift a deterministic sampler is allowed (the base ODE preserves p_t, so the same
 weights apply) but resampled copies stay identical: use a stochastic sampler for diversity.
 
+**Twisted SMC** (``twist``): any estimate of log h_t(x_t) replaces the plug-in twist, e.g. a
+learned guidance network's log potential (:meth:`LearnedGuidance.log_twist`), with its drift as the
+proposal. The closer the twist is to the true log h_t, the more even the weights (with the exact
+twist and drift every weight is equal); the final weight is exact, so the method stays
+consistent as N grows whatever the twist. Every run also returns the log normalising-constant
+estimate log Z ≈ log E_p[exp(r(x0)/beta)] per population: the sum, over the resampling epochs,
+of the log mean weight (unbiased in Z).
+
 **Best-of-N** keeps the highest-reward particle of each population: a baseline that is
 *not* consistent for p* (it converges to the reward maximiser as N grows).
 """
@@ -48,13 +56,15 @@ from .decomposition import Tilt, apply_tilt, x0_shift_from_g
 class ParticleResult:
     """samples [n, ...]; particles [n, N, ...] and their normalised log weights [n, N];
     ``resamples``: number of (population, step) resampling events; ``ess`` [steps]: mean ESS / N
-    before resampling at each step (empty for best-of-N)."""
+    before resampling at each step (empty for best-of-N); ``log_z``: SMC's log normalising
+    constant estimate per population."""
 
     samples: Tensor
     particles: Tensor
     log_weights: Tensor
     resamples: int = 0
     ess: list[float] | None = None
+    log_z: Tensor | None = None  # [n] estimate of log E_p[exp(r / beta)] per population (SMC)
 
 
 def check_particles(particles: int) -> int:
@@ -159,12 +169,14 @@ def _transition_log_ratio(x_next: Tensor, mean_q: Tensor, mean_p: Tensor, z: Ten
 
 def smc_sample(model: Model, schedule: Schedule, reward: Reward, beta: float, *, n: int, particles: int,
                shape: Sequence[int], cond: Any = None, drift: GuidanceEstimator | None = None,
+               twist: Callable[[Tensor, Tensor, Any], Tensor] | None = None,
                sampler: str = "ddpm", steps: int = 50, spacing: str = "uniform", ess_threshold: float = 0.5,
                seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> ParticleResult:
     """SMC / Feynman-Kac steering (module docstring): n populations of N particles -> ParticleResult.
 
-    ``cond`` is per population ([n, ...] tensor or list of n prompts, or None). Reproducible
-    given (seed, n, N): one generator drives the whole batch.
+    ``cond`` is per population ([n, ...] tensor or list of n prompts, or None). ``twist``:
+    ``(x_t, t [n*N], cond) -> log h_t estimate [n*N]`` (twisted SMC); default the plug-in
+    r(x0_hat)/beta. Reproducible given (seed, n, N): one generator drives the whole batch.
     """
     model = as_model(model)
     reward = as_reward(reward)
@@ -191,15 +203,20 @@ def smc_sample(model: Model, schedule: Schedule, reward: Reward, beta: float, *,
     log_h_prev = torch.zeros(n * big_n, dtype=torch.float64)
     correction = torch.zeros(n * big_n, dtype=torch.float64)
     resamples, ess_trace = 0, []
+    log_z = torch.zeros(n, dtype=torch.float64)
     pairs = list(zip(grid[:-1].tolist(), grid[1:].tolist()))
     for t, t_next in pairs:
         x0, eps, shift = stepper.evaluate(x, t, use_drift=t_next > 0)  # last step: no drift
-        log_h = evaluate_reward(reward, x0, cond_p).detach().to(torch.float64) / beta
+        if twist is None:
+            log_h = evaluate_reward(reward, x0, cond_p).detach().to(torch.float64) / beta
+        else:
+            log_h = _twist_values(twist, x, t, cond_p)
         log_w = log_w + (log_h - log_h_prev + correction).reshape(n, big_n)
         ess = ess_fraction(log_w)
         ess_trace.append(float(ess.mean()))
         low = ess < threshold
         if bool(low.any()):
+            log_z[low] += _log_mean_exp(log_w[low])
             idx = torch.arange(big_n).expand(n, big_n).clone()
             idx[low] = systematic_resample(log_w[low], gen)
             x, x0, eps, log_h = (_gather(v, idx) for v in (x, x0, eps, log_h))
@@ -210,9 +227,28 @@ def smc_sample(model: Model, schedule: Schedule, reward: Reward, beta: float, *,
         log_h_prev = log_h
     final = evaluate_reward(reward, x, cond_p).detach().to(torch.float64) / beta
     log_w = log_w + (final - log_h_prev + correction).reshape(n, big_n)
+    log_z += _log_mean_exp(log_w)
     pick = torch.multinomial(torch.softmax(log_w, 1), 1, generator=gen)[:, 0]
     return ParticleResult(_select(x, pick, big_n), x.reshape((n, big_n) + x.shape[1:]),
-                          torch.log_softmax(log_w, 1), resamples, ess_trace)
+                          torch.log_softmax(log_w, 1), resamples, ess_trace, log_z)
+
+
+def _log_mean_exp(log_w: Tensor) -> Tensor:
+    """log of the mean of exp(log_w) over the last dimension [rows]."""
+    return torch.logsumexp(log_w, -1) - torch.log(torch.tensor(float(log_w.shape[-1]), dtype=log_w.dtype))
+
+
+def _twist_values(twist: Callable[[Tensor, Tensor, Any], Tensor], x: Tensor, t: float, cond: Any) -> Tensor:
+    """The twist's log h_t [n*N] (float64), checked for shape and finiteness."""
+    t_vec = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        values = twist(x, t_vec, cond)
+    values = torch.as_tensor(values).detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+    if values.shape[0] != x.shape[0]:
+        raise TiltgenError(f"the SMC twist returned {values.shape[0]} values for {x.shape[0]} particles")
+    if not bool(torch.isfinite(values).all()):
+        raise TiltgenError(f"the SMC twist returned non-finite values at t = {t:.4g}")
+    return values
 
 
 def _move(step_fn: Callable[..., Tensor], stepper: _StepModel, schedule: Schedule, x: Tensor, t: float,

@@ -115,6 +115,16 @@ class LearnedGuidance:
         emb = self.cond_encoder(cond).to(self.potential.dtype)
         return emb.expand(n, -1) if emb.shape[0] == 1 else emb
 
+    def log_twist(self, x_t: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """scale · log q_psi(x_t, t) [N]: the network's log h_t (up to a constant) as the twist of
+        twisted SMC, matched to the drift this estimator proposes with (scale · its gradient)."""
+        if self.potential.noise_tilt:
+            raise TiltgenError("a noise-tilt network (one-step generator) has no log h_t along a diffusion path to "
+                               "twist SMC with")
+        with torch.no_grad():
+            logit = self.potential.logit(x_t, t, self.embed(cond, x_t.shape[0]))
+        return self.scale * logit.to(torch.float64)
+
     @property
     def tilts_input(self) -> bool:
         """True for a noise-tilt potential: GuidedModel then shifts the model's input by
