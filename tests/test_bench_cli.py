@@ -22,6 +22,9 @@ def test_energy_distance_separates_and_floor_is_small():
     assert energy_distance(a, b + 1.0) > 0.5
     floor = energy_floor(lambda n: torch.randn(n, 2, generator=g), 500)
     assert 0 < floor < 0.02
+    # steady: two floors from independent pairs agree within the RMS's sampling error (~1/sqrt(40))
+    again = energy_floor(lambda n: torch.randn(n, 2, generator=g), 500)
+    assert abs(again - floor) < 0.6 * floor
     with pytest.raises(TiltgenError, match="at least 10 pairs"):
         energy_floor(lambda n: torch.randn(n, 2), 100, pairs=3)
 

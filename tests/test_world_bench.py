@@ -178,8 +178,8 @@ def test_stages_split_over_processes_cover_every_stage_once(tmp_path, monkeypatc
     assert len(samples) == len(set(samples))                       # nothing twice
     assert {c for c in calls[0] if c[0] == "sample"}.isdisjoint(c for c in calls[1] if c[0] == "sample")
     # diffusion: unguided, tweedie, learned x 2 seeds; onestep: unguided, learned x 2; flow: 3;
-    # best-of-2 on 3 models, SMC-2 on 2; 4 fine-tuning rows x 2 seeds x 2 budgets
-    assert len(samples) == 4 + 3 + 3 + 3 + 2 + 16
+    # best-of-2 on 3 models, SMC-2 on 2, twisted SMC-2 on diffusion; 4 fine-tuning rows x 2 seeds x 2 budgets
+    assert len(samples) == 4 + 3 + 3 + 3 + 2 + 1 + 16
     assert {c[5] for c in samples if c[3] == "learned"} == {"guidance-diffusion-0", "guidance-diffusion-1",
                                                             "guidance-onestep-0", "guidance-onestep-1"}
     assert sorted(c[1] for r in (0, 1) for c in calls[r] if c[0] == "oracle") == ["diffusion", "flow", "onestep"]

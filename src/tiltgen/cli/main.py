@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     analytic.add_argument("--n", type=int, help="samples per run (default 4000, quick 1000)")
     analytic.add_argument("--steps", type=int, help="sampler steps (default 100, quick 25)")
     analytic.add_argument("--sampler", help="heun (default), euler, ddim, ddpm or sde")
-    analytic.add_argument("--floor-pairs", type=int, default=10, help="exact-vs-exact pairs for the energy floor")
+    analytic.add_argument("--floor-pairs", type=int, default=20,
+                          help="exact-vs-exact pairs for the energy floor (1.645 x their RMS energy distance)")
     analytic.add_argument("--seed", type=int, default=0)
     analytic.add_argument("--json", help="write the records to this JSON file")
     analytic.add_argument("--plot", help="draw the 2-D cases to this PNG")

@@ -34,7 +34,7 @@ class BenchSettings:
     n: int = 4000
     steps: int = 100
     sampler: str = "heun"
-    floor_pairs: int = 10
+    floor_pairs: int = 20
     seed: int = 0
     # wall_s is the fastest of this many interleaved timings of each method's sampling
     timing_repeats: int = 2

@@ -72,6 +72,15 @@ def anisotropic_mixture(dim: int = 8, seed: int = 1234) -> GaussianMixture:
     return GaussianMixture(torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64), means, covs)
 
 
+def rare_mode_mixture(dim: int = 4, rare_weight: float = 0.05, distance: float = 3.0) -> GaussianMixture:
+    """A common mode at 0 and a rare one (weight ``rare_weight``) ``distance`` away along e1,
+    both isotropic with std 0.5."""
+    means = torch.zeros(2, dim, dtype=torch.float64)
+    means[1, 0] = distance
+    covs = (0.25 * torch.eye(dim, dtype=torch.float64)).expand(2, dim, dim).clone()
+    return GaussianMixture(torch.tensor([1 - rare_weight, rare_weight], dtype=torch.float64), means, covs)
+
+
 def _cases() -> dict[str, AnalyticCase]:
     ring = ring_mixture()
     linear = QuadraticReward.linear(torch.tensor([1.0, 0.0], dtype=torch.float64), name="linear-x")
@@ -79,11 +88,26 @@ def _cases() -> dict[str, AnalyticCase]:
     dim = aniso.dim
     quad = QuadraticReward.centered(0.5 * aniso.means[3], torch.diag(torch.linspace(0.25, 1.0, dim, dtype=torch.float64)),
                                     name="quadratic-aniso")
+    # higher dimension: 32-D, a linear reward along the line from the heaviest to the lightest mode
+    high = anisotropic_mixture(dim=32, seed=4321)
+    direction = high.means[3] - high.means[0]
+    high_linear = QuadraticReward.linear(direction / direction.norm(), name="linear-32d")
+    # a strong concave quadratic centred outside the ring: the tilt moves the mass far out
+    # (at beta = 0.5 the nearest mode's mean goes from radius 4 to 7, six base stds)
+    far = QuadraticReward.centered(torch.tensor([10.0, 0.0], dtype=torch.float64),
+                                   2.0 * torch.eye(2, dtype=torch.float64), name="quadratic-far")
+    # a rare mode (weight 0.05) that the tilt makes dominant at small beta (0.96 at beta = 0.5)
+    rare = rare_mode_mixture()
+    rare_linear = QuadraticReward.linear(torch.eye(rare.dim, dtype=torch.float64)[0], name="linear-e1")
     cases = {}
     for beta in (2.0, 0.5):
         tag = f"b{beta:g}"
-        cases[f"ring2d-linear-{tag}"] = AnalyticCase(f"ring2d-linear-{tag}", ring, linear, beta)
-        cases[f"aniso{dim}d-quadratic-{tag}"] = AnalyticCase(f"aniso{dim}d-quadratic-{tag}", aniso, quad, beta)
+        for name, base, reward in ((f"ring2d-linear-{tag}", ring, linear),
+                                   (f"aniso{dim}d-quadratic-{tag}", aniso, quad),
+                                   (f"aniso32d-linear-{tag}", high, high_linear),
+                                   (f"ring2d-farquad-{tag}", ring, far),
+                                   (f"raremode4d-linear-{tag}", rare, rare_linear)):
+            cases[name] = AnalyticCase(name, base, reward, beta)
     return cases
 
 

@@ -37,6 +37,8 @@ STAGE_VERSION = 1
 #: sampling-time rows per model (best-of-N and SMC at each particle count are added)
 SAMPLING_ROWS = {"diffusion": ("unguided", "tweedie", "learned"), "onestep": ("unguided", "learned"),
                  "flow": ("unguided", "trainingfree", "tweedie")}
+#: twisted SMC (the shipped learned network as twist and drift) at each particle count
+TWISTED_SMC_MODELS = ("diffusion",)
 #: fine-tuning baselines: (method, base model)
 #: the second headline counts only fine-tuned rows whose fidelity fell by at most this much
 FIDELITY_KEPT = 0.05
@@ -199,16 +201,16 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
     guidance = guidance or GUIDANCE.get((name, "learned"))
     key = {"model": model.fingerprint(), "method": method, "particles": particles, "n": settings.n,
            "beta": settings.beta, "prompts": list(settings.prompts),
-           "guidance": _guidance_identity(guidance) if method == "learned" else None}
+           "guidance": _guidance_identity(guidance) if method in ("learned", "twisted-smc") else None}
 
     def compute(_: Path) -> dict[str, Any]:
         steps = model.backend.default_steps
         proxy_latent = model.latent_reward(judges.proxy)
         estimator = None
-        if method in ("tweedie", "trainingfree", "learned"):
-            estimator, _beta = build_estimator(model, method, judges.proxy,
-                                               None if method == "learned" else settings.beta,
-                                               guidance=guidance)
+        if method in ("tweedie", "trainingfree", "learned", "twisted-smc"):
+            learned = method in ("learned", "twisted-smc")
+            estimator, _beta = build_estimator(model, "learned" if learned else method, judges.proxy,
+                                               None if learned else settings.beta, guidance=guidance)
         counter = CountingModel(model)
         wrapped = counter if estimator is None else GuidedModel(counter, model.schedule, estimator)
 
@@ -216,6 +218,12 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
             if method == "smc":
                 res = smc_sample(model, model.schedule, proxy_latent, settings.beta, n=k, particles=particles,
                                  shape=model.latent_shape, cond=[prompt] * k, steps=steps, seed=offset + 7)
+                return model.decode(res.samples)
+            if method == "twisted-smc":  # the learned network's log potential twists, its drift proposes
+                res = smc_sample(model, model.schedule, proxy_latent, settings.beta, n=k, particles=particles,
+                                 shape=model.latent_shape, cond=[prompt] * k, steps=steps, seed=offset + 7,
+                                 drift=estimator, twist=estimator.log_twist)
+                smc_trace.append({"ess": res.ess, "log_z": [float(v) for v in res.log_z]})
                 return model.decode(res.samples)
             if method == "bestofn":
                 seeds = [s + j * CANDIDATE_STRIDE for s in _seeds(k, offset) for j in range(particles)]
@@ -227,7 +235,9 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
             cond = model.encode([prompt] * k)
             return model.sample(cond, seeds=_seeds(k, offset), steps=steps, model=wrapped).images
 
+        smc_trace: list[dict[str, Any]] = []
         flops = _sampling_flops(lambda k: run(settings.prompts[-1], k, 99_000))
+        smc_trace.clear()  # the FLOP count's own run
         records, wall, peak = [], 0.0, 0
         for prompt in settings.prompts:
             cost = measure(lambda: run(prompt, settings.n), count_flops=False, device=model.backend.device)
@@ -236,7 +246,8 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
             records.append(prompt_record(judges, cost.value, prompt))
         return {"model": name, "path": model_path, "method": method, "particles": particles, "prompts": records,
                 "sampling_flops_per_image": flops, "sampling_wall_per_image": wall / (settings.n * len(settings.prompts)),
-                "scale": getattr(estimator, "scale", None), "peak_mem_bytes": peak}
+                "scale": getattr(estimator, "scale", None), "peak_mem_bytes": peak,
+                **({"smc": smc_trace} if smc_trace else {})}
 
     return cache.get("sample", key, compute)
 
@@ -441,6 +452,7 @@ def run_bench(settings: BenchSettings, work: Path, progress: bool = True) -> dic
     plan = [(name, m, 1) for name, methods in SAMPLING_ROWS.items() for m in methods]
     plan += [(name, "bestofn", k) for name in MODELS for k in settings.particles]
     plan += [(name, "smc", k) for name in ("diffusion", "flow") for k in settings.particles]
+    plan += [(name, "twisted-smc", k) for name in TWISTED_SMC_MODELS for k in settings.particles]
     bar = tqdm(plan, desc="bench world: sampling rows", disable=not progress)
     guidance_cost = {}
     for name, method, k in bar:
@@ -448,8 +460,17 @@ def run_bench(settings: BenchSettings, work: Path, progress: bool = True) -> dic
             rows.append(_learned_row(cache, judges, name, oracles[name], settings, guidance_cost, progress))
             continue
         stage = sampling_stage(cache, judges, name, MODELS[name], method, settings, particles=k)
+        data = train = 0
+        if method == "twisted-smc":  # the shipped network's training (seed 0 of the learned row)
+            shipped = (guidance_cost.get(name) or [{}])[0]
+            data = shipped.get("data_flops", 0) + shipped.get("calibration_flops", 0)
+            train = shipped.get("train_flops", 0)
         row = {"model": name, "method": method if k == 1 else f"{method}-{k}", "family": "sampling",
-               **summarise([stage], oracles[name], settings), "compute": _compute(stage, settings=settings)}
+               **summarise([stage], oracles[name], settings), "compute": _compute(stage, data, train, settings=settings)}
+        if "smc" in stage:
+            ess = torch.tensor([trace["ess"] for trace in stage["smc"]], dtype=torch.float64)
+            row["smc_ess_min"] = float(ess.mean(0).min())
+            row["smc_log_z"] = float(torch.tensor([v for trace in stage["smc"] for v in trace["log_z"]]).mean())
         rows.append(row)
         if method == "unguided":
             base_rows[name] = row
@@ -541,7 +562,8 @@ def fill_stages_in_parallel(settings: BenchSettings, work: Path, processes: Any,
             else:
                 jobs.append(lambda name=name, method=method: sampling_stage(cache, judges, name, MODELS[name], method,
                                                                             settings))
-    for method, names in (("bestofn", tuple(MODELS)), ("smc", ("diffusion", "flow"))):
+    for method, names in (("bestofn", tuple(MODELS)), ("smc", ("diffusion", "flow")),
+                          ("twisted-smc", TWISTED_SMC_MODELS)):
         jobs += [lambda name=name, method=method, k=k: sampling_stage(cache, judges, name, MODELS[name], method,
                                                                       settings, particles=k)
                  for name in names for k in settings.particles]
