@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Any
 
 import torch
 
@@ -46,20 +47,26 @@ def bench_train_config(ctx: MethodContext, loss: str, eta: float) -> TrainConfig
                        checkpoint_every=s.train_steps, seed=s.seed + 1_000_003)
 
 
-def run_learned(ctx: MethodContext, loss: str = DEFAULT_LOSS, eta: float = DEFAULT_ETA) -> MethodOutput:
-    # Counted apart from ctx.model / ctx.reward so the sampling columns stay per-sample costs.
+def _train(ctx: MethodContext, loss: str, eta: float) -> tuple[Any, float, dict[str, Any]]:
+    """(trained result, its wall time, its record fields) for the case; counted apart from
+    ctx.model / ctx.reward so the sampling columns stay per-sample costs."""
     model = CountingModel(ctx.model.model)
     reward = CountingReward(ctx.reward.reward)
     tick = time.perf_counter()
     result = train_guidance(model, ctx.family.schedule, reward, bench_train_config(ctx, loss, eta),
                             shape=(ctx.case.dim,), progress=False)
     setup = time.perf_counter() - tick
-    samples = ctx.run_sampler(GuidedModel(ctx.model, ctx.family.schedule, result.guidance))
     rec = result.record
-    return MethodOutput(samples, setup_s=setup, extra={
+    return result, setup, {
         "train_model_evals": model.sample_evals, "train_reward_evals": reward.evals,
         "train_wall_s": rec["train_wall_s"], "train_loss": rec["final_loss"], "train_steps": rec["steps"],
-        "train_data": rec["data_size"], "train_objective": loss, "train_eta": eta})
+        "train_data": rec["data_size"], "train_objective": loss, "train_eta": eta}
+
+
+def run_learned(ctx: MethodContext, loss: str = DEFAULT_LOSS, eta: float = DEFAULT_ETA) -> MethodOutput:
+    result, setup, record = _train(ctx, loss, eta)
+    samples = ctx.run_sampler(GuidedModel(ctx.model, ctx.family.schedule, result.guidance))
+    return MethodOutput(samples, setup_s=setup, extra=record)
 
 
 @register_method_pattern(r"twisted-smc-(\d+)", example="twisted-smc-<N>")
@@ -70,12 +77,7 @@ def _twisted_smc_factory(match: re.Match[str]) -> MethodRunner:
         raise TiltgenError(f"the number of particles N must be >= 1, got {particles} in {match.group(0)!r}")
 
     def run(ctx: MethodContext) -> MethodOutput:
-        model = CountingModel(ctx.model.model)
-        reward = CountingReward(ctx.reward.reward)
-        tick = time.perf_counter()
-        result = train_guidance(model, ctx.family.schedule, reward, bench_train_config(ctx, DEFAULT_LOSS, DEFAULT_ETA),
-                                shape=(ctx.case.dim,), progress=False)
-        setup = time.perf_counter() - tick
+        result, setup, record = _train(ctx, DEFAULT_LOSS, DEFAULT_ETA)
         s, parts, ess, log_z = ctx.settings, [], [], []
         for start, count in _chunks(s.n, particles):
             out = smc_sample(ctx.model, ctx.family.schedule, ctx.reward, ctx.beta, n=count, particles=particles,
@@ -90,8 +92,7 @@ def _twisted_smc_factory(match: re.Match[str]) -> MethodRunner:
         return MethodOutput(torch.cat(parts), setup_s=setup, extra={
             "sampler": SMC_SAMPLER, "particles": particles, "ess_per_step": [round(float(v), 4) for v in per_step],
             "ess_min": float(per_step.min()), "log_z": float(log_z_all.mean()),
-            "log_z_exact": float(ctx.tilted.log_z), "train_model_evals": model.sample_evals,
-            "train_reward_evals": reward.evals})
+            "log_z_exact": float(ctx.tilted.log_z), **record})
 
     return run
 
