@@ -7,13 +7,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .. import __version__
 from ..errors import TiltgenError
 from .calibrate import add_calibrate_parser
 from .finetune import add_finetune_parser
 from .sample import DTYPES, add_sample_parser, resume_hint, writable_dir
+
+if TYPE_CHECKING:  # imported inside the command: the CLI starts without torch's training stack
+    from ..tilt.learned import TrainConfig
 
 
 def _csv(value: str) -> list[str]:
@@ -120,7 +123,7 @@ def _bench_memory(args: argparse.Namespace) -> int:
 
 def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: str,
                   times: tuple[float, ...] | None, data_dtype: str, net: dict | None = None,
-                  data_steps: int | None = None) -> "TrainConfig":
+                  data_steps: int | None = None) -> TrainConfig:
     from ..tilt.learned import TrainConfig
 
     return TrainConfig(beta=beta, net=net, loss=args.loss, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
@@ -216,7 +219,7 @@ def _text_to_image_training(args: argparse.Namespace) -> tuple:
 
 def _demo(args: argparse.Namespace) -> int:
     from ..eval.world_demo import DemoSettings, parse_rows, run_demo
-    from ..eval.world_report import summary, fresh_output_dir, measure, table, write_reports
+    from ..eval.world_report import fresh_output_dir, table, write_reports
     from ..world.prompts import DEMO_PROMPTS, TWO_SHAPE_PROMPTS, held_out_prompts
 
     if args.prompt is not None:

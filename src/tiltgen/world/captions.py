@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TiltgenError
-from .attributes import BACKGROUND_NAMES, COLOUR_NAMES, EDGE_POSITIONS, POSITIONS, SHAPES, SIZES
+from .attributes import BACKGROUND_NAMES, COLOUR_NAMES, EDGE_POSITIONS, SHAPES, SIZES
 from .scene import Scene, as_rng
 
 POSITION_PHRASES: dict[str, tuple[str, ...]] = {

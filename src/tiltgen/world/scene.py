@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import TiltgenError
 from .attributes import (BACKGROUND_NAMES, BACKGROUND_PRIOR, BACKGROUNDS, COLOUR_NAMES, COLOUR_PRIOR, COLOURS,
-                         CONTRAST_AVERSION, EDGE_POSITIONS, P_SAME_COLOUR, P_TWO, PAIR_PRIOR, POSITION_PRIOR,
+                         CONTRAST_AVERSION, P_SAME_COLOUR, P_TWO, PAIR_PRIOR, POSITION_PRIOR,
                          POSITIONS, SHAPE_PRIOR, SHAPES, SIZE_PRIOR, SIZES, luma)
 
 MAX_SHAPES = 2

@@ -481,7 +481,6 @@ class LatentModel:
 
     def _denoise(self, x: Tensor, t: Tensor, embeds: dict[str, Tensor], cond: PromptCondition,
                  negative_first: bool = False) -> Tensor:
-        dtype = self.backend.dtype
         if self.family in ("sd", "sdxl"):
             timestep = self.schedule.t_to_timestep(t).to(torch.float32)
             added = None
