@@ -27,11 +27,9 @@ from ..core.model import CountingModel
 from ..core.reward import CountingReward
 from ..core.samplers import time_grid
 from ..tilt import GuidedModel
-from ..errors import TiltgenError
 from ..tilt.learned import TrainConfig, train_guidance
-from ..tilt.particles import smc_sample
 from .analytic_bench import MethodContext, MethodOutput, MethodRunner, register_method, register_method_pattern
-from .methods_trainingfree import SMC_SAMPLER, _chunks
+from .methods_trainingfree import SMC_SAMPLER, particle_count, run_smc_chunks
 
 DEFAULT_LOSS = "logistic"
 DEFAULT_ETA = 1.0
@@ -72,26 +70,15 @@ def run_learned(ctx: MethodContext, loss: str = DEFAULT_LOSS, eta: float = DEFAU
 @register_method_pattern(r"twisted-smc-(\d+)", example="twisted-smc-<N>")
 def _twisted_smc_factory(match: re.Match[str]) -> MethodRunner:
     """Twisted SMC: the learned network's log potential is the twist, its drift the proposal."""
-    particles = int(match.group(1))
-    if particles < 1:
-        raise TiltgenError(f"the number of particles N must be >= 1, got {particles} in {match.group(0)!r}")
+    particles = particle_count(match)
 
     def run(ctx: MethodContext) -> MethodOutput:
         result, setup, record = _train(ctx, DEFAULT_LOSS, DEFAULT_ETA)
-        s, parts, ess, log_z = ctx.settings, [], [], []
-        for start, count in _chunks(s.n, particles):
-            out = smc_sample(ctx.model, ctx.family.schedule, ctx.reward, ctx.beta, n=count, particles=particles,
-                             shape=(ctx.case.dim,), drift=result.guidance, twist=result.guidance.log_twist,
-                             sampler=SMC_SAMPLER, steps=s.steps, spacing=ctx.family.spacing,
-                             seed=s.seed + 7919 * start, dtype=torch.float64)
-            parts.append(out.samples)
-            ess.append(out.ess)
-            log_z.append(out.log_z)
-        per_step = torch.tensor(ess, dtype=torch.float64).mean(0)
-        log_z_all = torch.cat(log_z)
-        return MethodOutput(torch.cat(parts), setup_s=setup, extra={
+        outs = run_smc_chunks(ctx, particles, result.guidance, result.guidance.log_twist)
+        per_step = torch.tensor([o.ess for o in outs], dtype=torch.float64).mean(0)
+        return MethodOutput(torch.cat([o.samples for o in outs]), setup_s=setup, extra={
             "sampler": SMC_SAMPLER, "particles": particles, "ess_per_step": [round(float(v), 4) for v in per_step],
-            "ess_min": float(per_step.min()), "log_z": float(log_z_all.mean()),
+            "ess_min": float(per_step.min()), "log_z": float(torch.cat([o.log_z for o in outs]).mean()),
             "log_z_exact": float(ctx.tilted.log_z), **record})
 
     return run

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..backends.gaussian_mixture import GaussianMixture
 from ..errors import TiltgenError
 from ..tilt import ExactGuidance, GuidanceEstimator, GuidedModel, TweedieGuidance
-from ..tilt.particles import best_of_n, smc_sample
+from ..tilt.particles import ParticleResult, best_of_n, smc_sample
 from ..tilt.training_free import VARIANTS, TrainingFreeGuidance
 from .analytic_bench import MethodContext, MethodOutput, MethodRunner, register_method, register_method_pattern
 
@@ -94,10 +94,27 @@ def _chunks(n: int, particles: int) -> list[tuple[int, int]]:
     return [(start, min(per, n - start)) for start in range(0, n, per)]
 
 
-def _parse(match: re.Match[str]) -> tuple[int, str | None]:
+def particle_count(match: re.Match[str]) -> int:
+    """N of a parameterised particle method's name (group 1), checked."""
     particles = int(match.group(1))
     if particles < 1:
         raise TiltgenError(f"the number of particles N must be >= 1, got {particles} in {match.group(0)!r}")
+    return particles
+
+
+def run_smc_chunks(ctx: MethodContext, particles: int, drift: GuidanceEstimator | None = None,
+                   twist: Callable[[Tensor, Tensor, object], Tensor] | None = None) -> list[ParticleResult]:
+    """SMC over the bench's n samples in chunks of populations, on the bench's seeds: the
+    ParticleResult of each chunk (``drift``, ``twist`` as in :func:`smc_sample`)."""
+    s = ctx.settings
+    return [smc_sample(ctx.model, ctx.family.schedule, ctx.reward, ctx.beta, n=count, particles=particles,
+                       shape=(ctx.case.dim,), drift=drift, twist=twist, sampler=SMC_SAMPLER, steps=s.steps,
+                       spacing=ctx.family.spacing, seed=s.seed + 7919 * start, dtype=torch.float64)
+            for start, count in _chunks(s.n, particles)]
+
+
+def _parse(match: re.Match[str]) -> tuple[int, str | None]:
+    particles = particle_count(match)
     drift = match.group(2)
     if drift is not None and drift not in DRIFTS:
         raise TiltgenError(f"unknown drift {drift!r} in {match.group(0)!r}; choose one of: {', '.join(sorted(DRIFTS))}")
@@ -109,16 +126,11 @@ def _smc_factory(match: re.Match[str]) -> MethodRunner:
     particles, drift = _parse(match)
 
     def run(ctx: MethodContext) -> MethodOutput:
-        s, parts, resamples = ctx.settings, [], 0
         estimator = None if drift is None else drift_estimator(drift, ctx)
-        for start, count in _chunks(s.n, particles):
-            out = smc_sample(ctx.model, ctx.family.schedule, ctx.reward, ctx.beta, n=count, particles=particles,
-                             shape=(ctx.case.dim,), drift=estimator, sampler=SMC_SAMPLER, steps=s.steps,
-                             spacing=ctx.family.spacing, seed=s.seed + 7919 * start, dtype=torch.float64)
-            parts.append(out.samples)
-            resamples += out.resamples
-        return MethodOutput(torch.cat(parts), {"sampler": SMC_SAMPLER, "particles": particles,
-                                               "resamples_per_sample": resamples / s.n})
+        outs = run_smc_chunks(ctx, particles, estimator)
+        return MethodOutput(torch.cat([o.samples for o in outs]), {
+            "sampler": SMC_SAMPLER, "particles": particles,
+            "resamples_per_sample": sum(o.resamples for o in outs) / ctx.settings.n})
 
     return run
 
