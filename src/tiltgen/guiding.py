@@ -151,6 +151,7 @@ class GuidedPipeline:
                 del module.forward
 
     def _make_hook(self, forward: Callable[..., Any], rows: list[str] | None, call: dict[str, Any]) -> Callable:
+        from .backends.diffusers.backend import pack_latents
         from .tilt.base import GuidedModel
 
         # the class's own parameter names: the instance's forward may be a wrapper taking *args
@@ -168,7 +169,7 @@ class GuidedPipeline:
             model = self._model(latents.shape[-2] * self.backend.vae_scale_factor,
                                 latents.shape[-1] * self.backend.vae_scale_factor)
             estimator = self._estimator(model)
-            t = self._time(model, timestep, x_in.shape[0])[:n]
+            t = model.t_of_timestep(timestep, x_in.shape[0])[:n]
             cond = self._cond(rows, n)
             out_dtype = x_in.dtype
             last: dict[str, Tensor] = {}
@@ -178,7 +179,7 @@ class GuidedPipeline:
                 x = x_t.to(out_dtype)
                 native = torch.cat([x, x]) if cfg else x
                 call_args = dict(given)
-                call_args[x_name] = self._pack(native) if family == "flux" else native
+                call_args[x_name] = pack_latents(native) if family == "flux" else native
                 raw = forward(**call_args)
                 raw = raw[0] if isinstance(raw, (tuple, list)) else getattr(raw, "sample", raw)
                 raw = self._unpack(raw, call) if family == "flux" else raw
@@ -187,8 +188,7 @@ class GuidedPipeline:
                 if cfg:
                     uncond, text = out.chunk(2)
                     out = uncond + float(pipe.guidance_scale) * (text - uncond)
-                if family in ("sd3", "flux"):  # native dx/dsigma -> canonical dx/dt
-                    out = out * model.schedule.d_sigma(t_).to(out.dtype).reshape(-1, 1, 1, 1)
+                out = model.to_canonical(out, t_)
                 last["combined"] = out.detach()
                 return out
 
@@ -203,25 +203,12 @@ class GuidedPipeline:
                                        "call the pipeline with prompt=... rather than prompt_embeds, so tiltgen "
                                        "can pass the prompts to the reward") from error
                 raise
-            delta = guided.detach() - last["combined"]
-            if family in ("sd3", "flux"):  # back to the native dx/dsigma
-                delta = delta / model.schedule.d_sigma(t).to(delta.dtype).reshape(-1, 1, 1, 1)
+            delta = model.to_native(guided.detach() - last["combined"], t)
             raw = last["raw"].float() + (torch.cat([delta, delta]) if cfg else delta)
             raw = raw.to(out_dtype)
-            return (self._pack(raw) if family == "flux" else raw,)
+            return (pack_latents(raw) if family == "flux" else raw,)
 
         return hook
-
-    def _time(self, model: Any, timestep: Any, rows: int) -> Tensor:
-        """tiltgen's t [rows] (float64) of the denoiser's timestep argument."""
-        ts = torch.as_tensor(timestep).to(torch.float64).reshape(-1).cpu()
-        ts = ts.expand(rows) if ts.numel() == 1 else ts
-        if self.family in ("sd", "sdxl"):
-            return model.schedule.timestep_to_t(ts)
-        # SD3 passes sigma * num_train_timesteps, FLUX sigma itself
-        sigma = ts / float(self.backend.scheduler_config.get("num_train_timesteps", 1000)) \
-            if self.family == "sd3" else ts
-        return model.schedule.native_to_t(sigma)
 
     @staticmethod
     def _cond(rows: list[str] | None, n: int) -> list[str] | None:
@@ -238,15 +225,9 @@ class GuidedPipeline:
         return int(call.get("height") or default) // f, int(call.get("width") or default) // f
 
     def _unpack(self, packed: Tensor, call: dict[str, Any]) -> Tensor:
-        h, w = self._flux_size(call)
-        n, _, d = packed.shape
-        c = d // 4
-        return packed.reshape(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+        from .backends.diffusers.backend import unpack_latents
 
-    @staticmethod
-    def _pack(x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        return x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+        return unpack_latents(packed, *self._flux_size(call))
 
 
 class _Prediction:

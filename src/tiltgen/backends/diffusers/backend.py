@@ -45,6 +45,19 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"
 _UNET_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 
 
+def pack_latents(x: Tensor) -> Tensor:
+    """FLUX's tokens: latents [N, C, h, w] -> 2x2 patches [N, (h/2)(w/2), 4C]."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: Tensor, h: int, w: int) -> Tensor:
+    """Inverse of :func:`pack_latents` for latents of height ``h`` and width ``w``."""
+    n, _, d = packed.shape
+    c = d // 4
+    return packed.reshape(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
 @dataclass
 class PromptCondition:
     """Per-sample text conditioning: prompts (for rewards) and encoder outputs (for the model).
@@ -474,10 +487,32 @@ class LatentModel:
             out = uncond + cond.cfg_scale * (text - uncond)
         else:
             out = self._denoise(x, t, cond.embeds, cond)
-        out = out.to(x_t.dtype)
-        if self.family in ("sd3", "flux"):  # native dx/dsigma -> canonical dx/dt
-            out = out * self.schedule.d_sigma(t).to(out.dtype).reshape(-1, *([1] * (out.ndim - 1)))
-        return out
+        return self.to_canonical(out.to(x_t.dtype), t)
+
+    def to_canonical(self, out: Tensor, t: Tensor) -> Tensor:
+        """The denoiser's (CFG-combined) output [N, ...] as tiltgen's prediction at canonical t [N]:
+        a flow's native dx/dsigma becomes dx/dt; eps and v are the same in both."""
+        if self.family not in ("sd3", "flux"):
+            return out
+        return out * self.schedule.d_sigma(t).to(out.dtype).reshape(-1, *([1] * (out.ndim - 1)))
+
+    def to_native(self, prediction: Tensor, t: Tensor) -> Tensor:
+        """Inverse of :meth:`to_canonical`."""
+        if self.family not in ("sd3", "flux"):
+            return prediction
+        return prediction / self.schedule.d_sigma(t).to(prediction.dtype).reshape(-1, *([1] * (prediction.ndim - 1)))
+
+    def t_of_timestep(self, timestep: Any, rows: int) -> Tensor:
+        """Canonical t [rows] (float64) of the ``timestep`` argument the pipeline passes its denoiser
+        (inverse of what :meth:`_denoise` passes): a UNet's diffusers timestep, SD3's
+        sigma * num_train_timesteps, FLUX's sigma."""
+        ts = torch.as_tensor(timestep).to(torch.float64).reshape(-1).cpu()
+        ts = ts.expand(rows) if ts.numel() == 1 else ts
+        if self.family in ("sd", "sdxl"):
+            return self.schedule.timestep_to_t(ts)
+        if self.family == "sd3":
+            ts = ts / float(self.backend.scheduler_config.get("num_train_timesteps", 1000))
+        return self.schedule.native_to_t(ts)
 
     def _denoise(self, x: Tensor, t: Tensor, embeds: dict[str, Tensor], cond: PromptCondition,
                  negative_first: bool = False) -> Tensor:
@@ -496,7 +531,7 @@ class LatentModel:
                                          pooled_projections=embeds["pooled_projections"], return_dict=False)[0]
         # FLUX: pack 2x2 patches, call, unpack; both prompt halves share txt_ids when CFG is on
         n, c, h, w = x.shape
-        packed = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+        packed = pack_latents(x)
         if negative_first and "negative_txt_ids" in cond.extra:
             # two calls: FLUX's true CFG runs the negative prompt with its own text ids
             half = n // 2
@@ -507,7 +542,7 @@ class LatentModel:
             out = torch.cat(outs)
         else:
             out = self._flux_call(packed, sigma, embeds, cond.extra["txt_ids"])
-        return out.reshape(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+        return unpack_latents(out, h, w)
 
     def _flux_call(self, packed: Tensor, sigma: Tensor, embeds: dict[str, Tensor], txt_ids: Tensor) -> Tensor:
         guidance = embeds.get("guidance")
