@@ -99,7 +99,7 @@ def from_pretrained(name_or_path: str | os.PathLike, model: Any = None, *, force
         conditional = int(record.get("net", {}).get("cond_dim", 0) or 0) > 0
         if conditional and cond_encoder is None:
             cond_encoder = getattr(model, "prompt_embedding", None)
-    return load_guidance(folder, cond_encoder=cond_encoder, scale=scale)
+    return load_guidance(folder, cond_encoder=cond_encoder, scale=scale, record=record)
 
 
 def save_pretrained(guidance: LearnedGuidance, folder: str | os.PathLike, record: dict | None = None) -> Path:

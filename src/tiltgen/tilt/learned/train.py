@@ -40,6 +40,7 @@ from .data import (GuidanceData, Pool, build_pool, check_data_size, data_units, 
 from .losses import LOSSES, consistency_loss, tilt_loss
 from .networks import build_network
 from .potential import CondEncoder, GuidancePotential, LearnedGuidance
+from .pretrained import read_guidance_record, tiltgen_version, write_model_card
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SHARDS = "data-shards"  # finished batches of data generation, kept until data.safetensors is written
@@ -601,8 +602,6 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
 
     record = _record(full_config, run, data, pool, data_wall)
     if out is not None and processes.is_main:
-        from .pretrained import write_model_card
-
         _write_tensors(out / "guidance.safetensors", run.final_weights())
         write_json(out / "guidance.json", record)
         write_model_card(out, record)
@@ -623,13 +622,7 @@ def _record(full_config: dict, run: _Run, data: GuidanceData, pool: Pool, data_w
             "train_model_evals": data.model_evals + pool.model_evals, "train_reward_evals": data.reward_evals,
             "train_wall_s": data_wall + run.train_wall,
             "train_flops_per_step": run.step_flops, "train_flops": run.step_flops * run.step,
-            "tiltgen_version": _version()}
-
-
-def _version() -> str:
-    from ... import __version__
-
-    return __version__
+            "tiltgen_version": tiltgen_version()}
 
 
 def plot_losses(losses: Sequence[float], path: Path, title: str = "",
@@ -659,15 +652,14 @@ def plot_losses(losses: Sequence[float], path: Path, title: str = "",
 
 
 def load_guidance(out_dir: str | Path, cond_encoder: CondEncoder | None = None,
-                  scale: float | None = None) -> LearnedGuidance:
-    """The trained estimator saved in ``out_dir`` (guidance.json + guidance.safetensors).
+                  scale: float | None = None, record: dict[str, Any] | None = None) -> LearnedGuidance:
+    """The trained estimator saved in ``out_dir`` (guidance.json + guidance.safetensors);
+    ``record``: its guidance.json when the caller has already read it.
 
     ``scale=None``: the scale recorded by ``tiltgen calibrate-guidance`` (``calibration.scale``
     in guidance.json), else 1 (the network's own estimate of the tilt)."""
     out = Path(out_dir)
-    if not (out / "guidance.json").is_file() or not (out / "guidance.safetensors").is_file():
-        raise TiltgenError(f"{out} has no trained guidance (guidance.json + guidance.safetensors)")
-    record = json.loads((out / "guidance.json").read_text())
+    record = read_guidance_record(out) if record is None else record
     net = build_network(record["net"])
     net.load_state_dict(load_file(str(out / "guidance.safetensors")))
     potential = GuidancePotential(net, schedule_from_config(record["schedule"]), record["s_data"],
