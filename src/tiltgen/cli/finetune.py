@@ -21,10 +21,9 @@ def _budgets(text: str | None) -> tuple[int, ...]:
 def _finetune(args: argparse.Namespace) -> int:
     import torch
 
+    from ..core.distributed import join_processes, launch_config, set_threads
     from ..finetune import FinetuneConfig, finetune
     from ..rewards import reward_from_spec
-
-    from ..core.distributed import join_processes, launch_config, set_threads
 
     launched = launch_config()  # accelerate launch's mixed precision / accumulation, unless given here
     mixed_precision = args.mixed_precision or launched.get("mixed_precision", "no")

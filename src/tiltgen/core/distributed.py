@@ -13,6 +13,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..errors import TiltgenError
+
 THREADS_ENV = "TILTGEN_THREADS"
 
 
@@ -76,8 +78,6 @@ def launch_config() -> dict[str, Any]:
     mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
     if mixed:
         if mixed not in ("no", "bf16", "fp16"):
-            from ..errors import TiltgenError
-
             raise TiltgenError(f"the accelerate launch configuration asks for mixed precision {mixed!r}; tiltgen "
                                "supports no, bf16 and fp16")
         out["mixed_precision"] = mixed
