@@ -215,15 +215,14 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
         wrapped = counter if estimator is None else GuidedModel(counter, model.schedule, estimator)
 
         def run(prompt: str, k: int, offset: int = 0) -> Tensor:
-            if method == "smc":
-                res = smc_sample(model, model.schedule, proxy_latent, settings.beta, n=k, particles=particles,
-                                 shape=model.latent_shape, cond=[prompt] * k, steps=steps, seed=offset + 7)
-                return model.decode(res.samples)
-            if method == "twisted-smc":  # the learned network's log potential twists, its drift proposes
+            if method in ("smc", "twisted-smc"):
+                # twisted: the learned network's log potential twists, its drift proposes
+                twisted = method == "twisted-smc"
                 res = smc_sample(model, model.schedule, proxy_latent, settings.beta, n=k, particles=particles,
                                  shape=model.latent_shape, cond=[prompt] * k, steps=steps, seed=offset + 7,
-                                 drift=estimator, twist=estimator.log_twist)
-                smc_trace.append({"ess": res.ess, "log_z": [float(v) for v in res.log_z]})
+                                 drift=estimator if twisted else None, twist=estimator.log_twist if twisted else None)
+                if twisted:
+                    smc_trace.append({"ess": res.ess, "log_z": [float(v) for v in res.log_z]})
                 return model.decode(res.samples)
             if method == "bestofn":
                 seeds = [s + j * CANDIDATE_STRIDE for s in _seeds(k, offset) for j in range(particles)]
