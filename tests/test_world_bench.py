@@ -18,9 +18,9 @@ def test_stage_cache_computes_once_and_keys_by_content(tmp_path):
         calls.append(folder)
         return {"value": len(calls)}
 
-    assert cache.get("sample", {"a": 1}, compute) == {"value": 1}
-    assert cache.get("sample", {"a": 1}, compute) == {"value": 1}  # a rerun (e.g. after a kill) reuses it
-    assert cache.get("sample", {"a": 2}, compute) == {"value": 2}
+    assert cache.get("sample", {"a": 1}, compute)["value"] == 1
+    assert cache.get("sample", {"a": 1}, compute)["value"] == 1  # a rerun (e.g. after a kill) reuses it
+    assert cache.get("sample", {"a": 2}, compute)["value"] == 2
     assert len(calls) == 2 and calls[0] != calls[1]
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -33,7 +33,31 @@ def test_stage_cache_leaves_no_result_when_a_stage_dies(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         cache.get("finetune", {"a": 1}, dies)
-    assert cache.get("finetune", {"a": 1}, lambda folder: {"ok": True}) == {"ok": True}
+    assert cache.get("finetune", {"a": 1}, lambda folder: {"ok": True})["ok"] is True
+
+
+def test_fresh_run_wall_sums_each_used_stage_once_from_what_it_recorded(tmp_path):
+    settings = BenchSettings()
+    first = StageCache(tmp_path)
+    first.get("oracle", {"a": 1}, lambda folder: {"wall_s": 1.0})
+    recorded = first.get("oracle", {"a": 1}, lambda folder: {})["stage_wall_s"]
+    assert recorded >= 0 and first.fresh_run_wall(settings)["stages"] == 1  # fetched twice, counted once
+    # a stage cached before whole-stage walls were recorded: its own times are used
+    (tmp_path / f"{StageCache(tmp_path).path('sample', {'b': 1}).name}.json").write_text(
+        json.dumps({"sampling_wall_per_image": 0.5}))
+    (tmp_path / f"{StageCache(tmp_path).path('guidance-cost', {'c': 1}).name}.json").write_text(json.dumps({}))
+    second = StageCache(tmp_path)  # a rerun that finds everything cached
+    second.get("oracle", {"a": 1}, lambda folder: pytest.fail("recomputed"))
+    second.get("sample", {"b": 1}, lambda folder: pytest.fail("recomputed"))
+    second.get("guidance-cost", {"c": 1}, lambda folder: pytest.fail("recomputed"))
+    fresh = second.fresh_run_wall(settings)
+    sampling = 0.5 * settings.n * len(settings.prompts)
+    assert fresh["by_kind_s"] == {"oracle": recorded, "sample": sampling}
+    assert fresh["total_s"] == pytest.approx(recorded + sampling)
+    assert fresh["stages"] == 3 and len(fresh["stages_without_wall"]) == 1
+    text = markdown({"settings": settings.to_json(), "rows": [], "wall_s": 1.0, "headline": {},
+                     "fresh_run_wall": fresh})
+    assert "With an empty cache" in text and "1 stage(s) recorded no wall time" in text
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_data():
