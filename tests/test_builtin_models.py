@@ -100,6 +100,29 @@ def test_model_folder_recommends_its_training_free_variant(backends):
     assert build_estimator(diffusion, "trainingfree", reward, 0.05)[0].variant == "bounded"  # no recommendation
 
 
+def test_damped_tweedie_samples_a_latent_pipeline_and_bad_variants_are_named(backends):
+    import torch
+
+    from tiltgen.errors import TiltgenError
+    from tiltgen.eval.estimators import build_estimator
+    from tiltgen.rewards import reward_from_spec
+    from tiltgen.tilt import GuidedModel
+
+    reward = reward_from_spec("world-proxy")
+    model = backends["world-diffusion"].at()
+    assert not build_estimator(model, "tweedie", reward, 0.05)[0].damping
+    damped, _ = build_estimator(model, "tweedie", reward, 0.05, variant="damped")
+    assert damped.damping
+    with pytest.raises(TiltgenError, match="plain or damped"):
+        build_estimator(model, "tweedie", reward, 0.05, variant="bounded")
+    cond = model.encode(["a red shape"] * 2)
+    plain, _ = build_estimator(model, "tweedie", reward, 0.05)
+    images = {name: model.sample(cond, seeds=[0, 1], steps=3, model=GuidedModel(model, model.schedule, est)).images
+              for name, est in (("plain", plain), ("damped", damped))}
+    assert all(bool(torch.isfinite(x).all()) for x in images.values())
+    assert float((images["plain"] - images["damped"]).abs().max()) > 1e-4  # the proxy is not linear in the latent
+
+
 def test_shipped_guidance_accepts_its_base_model_from_any_folder(backends, tmp_path):
     """The fingerprint ignores where a folder lies: a fresh clone or a copied folder still
     matches the fingerprints recorded in the shipped guidance networks."""

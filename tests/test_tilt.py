@@ -65,6 +65,30 @@ def test_tweedie_matches_covariance_formula_on_a_gaussian():
         torch.testing.assert_close(guided(x, t), tm.tilted.model(s, "eps")(x, t), rtol=1e-8, atol=1e-8)
 
 
+def test_damped_tweedie_is_exact_for_an_isotropic_gaussian_and_a_quadratic_reward():
+    """lambda_t = 1 / (1 + a v / beta) turns the plug-in into the exact tilt of a Gaussian mode under a
+    concave quadratic reward (v and a read along grad r); the undamped plug-in over-concentrates."""
+    gm = GaussianMixture(torch.ones(1), torch.tensor([[0.5, -1.0, 0.2]]), 0.7 * torch.eye(3).unsqueeze(0))
+    reward = QuadraticReward.centered(torch.tensor([2.0, 1.0, -1.0]), 3.0 * torch.eye(3))
+    tm = gm.tilt(reward, beta=0.4)
+    for s in SCHEDULES:
+        x = torch.randn(10, 3, dtype=torch.float64)
+        t = torch.linspace(0.05, 0.95, 10, dtype=torch.float64)
+        exact = tm.tilted.model(s, "eps")(x, t)
+        damped = GuidedModel(gm.model(s, "eps"), s, TweedieGuidance(reward, 0.4, damping=True, schedule=s))
+        torch.testing.assert_close(damped(x, t), exact, rtol=1e-7, atol=1e-8)
+        plain = GuidedModel(gm.model(s, "eps"), s, TweedieGuidance(reward, 0.4))
+        assert float((plain(x, t) - exact).abs().max()) > 1e-2
+    # a linear reward has no curvature: damping changes nothing
+    linear = QuadraticReward.linear(torch.tensor([1.0, -2.0, 0.5]))
+    s = RectifiedFlow()
+    x, t = torch.randn(6, 3, dtype=torch.float64), torch.full((6,), 0.5, dtype=torch.float64)
+    torch.testing.assert_close(GuidedModel(gm.model(s, "eps"), s, TweedieGuidance(linear, 0.4, damping=True, schedule=s))(x, t),
+                               GuidedModel(gm.model(s, "eps"), s, TweedieGuidance(linear, 0.4))(x, t))
+    with pytest.raises(TiltgenError, match="schedule"):
+        TweedieGuidance(reward, 0.4, damping=True)
+
+
 def test_tweedie_overshoots_on_a_mixture():
     gm = ring()
     reward = QuadraticReward.linear(torch.tensor([1.0, 0.0]))

@@ -53,7 +53,8 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
                    help="--method trainingfree: per-dimension data variance (default: the model's tiltgen.json, else 1)")
     p.add_argument("--variant", default=None,
                    help="--method trainingfree: bounded, linear, newton or snis (default: the model's tiltgen.json "
-                        "'trainingfree_variant', else bounded)")
+                        "'trainingfree_variant', else bounded); --method tweedie: plain (default) or damped "
+                        "(the plug-in damped by the reward's curvature over the posterior spread)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the model's own from its tiltgen.json (one-step: 1); else 30)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (FLUX: embedded guidance)")
@@ -143,7 +144,10 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     """The estimator of ``--method``; records the beta and variant it really uses in ``args``."""
     from ..eval.estimators import build_estimator, default_variant
 
-    args.variant = args.variant or default_variant(model)
+    if args.method == "tweedie":
+        args.variant = args.variant or "plain"
+    elif args.method == "trainingfree":
+        args.variant = args.variant or default_variant(model)
     estimator, args.beta = build_estimator(model, args.method, reward, args.beta, guidance=args.guidance,
                                            scale=args.scale, t_window=tuple(args.t_window) if args.t_window else None,
                                            data_var=args.data_var, variant=args.variant, seed=args.seed,

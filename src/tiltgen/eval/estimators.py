@@ -20,7 +20,8 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     network trained for another base model and tilts at the network's own beta: a different
     ``beta`` raises. ``tweedie`` and ``trainingfree`` need ``reward`` and default to beta = 0.1;
     ``data_var`` and ``variant`` default to the model's ``tiltgen.json`` values, else 1 and
-    ``bounded`` (:func:`default_variant`). ``scale`` multiplies the guidance term: default 1, and for
+    ``bounded`` (:func:`default_variant`); ``tweedie``'s variants are ``plain`` (default) and ``damped``
+    (the damped plug-in, tilt/tweedie.py). ``scale`` multiplies the guidance term: default 1, and for
     ``learned`` the network's calibrated scale when it has one (``tiltgen calibrate-guidance``).
     ``guidance`` may also be a hub id in the local cache (``cache_dir``); ``force_guidance`` loads a
     network trained for another base model with a warning instead of refusing it."""
@@ -37,7 +38,10 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     if method == "tweedie":
         from ..tilt import TweedieGuidance
 
-        return TweedieGuidance(latent_reward, beta, scale=1.0 if scale is None else scale, t_window=t_window), beta
+        if variant not in (None, "plain", "damped"):
+            raise TiltgenError(f"--method tweedie takes --variant plain or damped, not {variant!r}")
+        return TweedieGuidance(latent_reward, beta, scale=1.0 if scale is None else scale, t_window=t_window,
+                               damping=variant == "damped", schedule=model.schedule), beta
     from ..tilt.training_free import TrainingFreeGuidance
 
     if data_var is None:

@@ -1,6 +1,8 @@
 """Benchmark methods of training-free guidance and particle samplers (issue: training-free).
 
 * ``trainingfree`` (default grid) and ``trainingfree-<variant>``: :class:`TrainingFreeGuidance`.
+* ``tweedie-damped`` (default grid): the damped plug-in baseline (:class:`TweedieGuidance` with
+  ``damping``), also a drift for the particle methods.
 * ``bestofn-<N>[+<drift>]`` and ``smc-<N>[+<drift>]``: particle methods (not in the default
   grid: each output sample costs N trajectories). ``<drift>`` is any name of :data:`DRIFTS`
   (``exact``, ``tweedie``, ``trainingfree``, ``trainingfree-<variant>``, and whatever later
@@ -70,6 +72,8 @@ def _training_free(ctx: MethodContext, variant: str) -> TrainingFreeGuidance:
 
 register_drift("exact")(lambda ctx: ExactGuidance(ctx.oracle))
 register_drift("tweedie")(lambda ctx: TweedieGuidance(ctx.reward, ctx.beta))
+register_drift("tweedie-damped")(lambda ctx: TweedieGuidance(ctx.reward, ctx.beta, damping=True,
+                                                              schedule=ctx.family.schedule))
 register_drift("trainingfree")(lambda ctx: _training_free(ctx, DEFAULT_VARIANT))
 for _variant in VARIANTS:
     register_drift(f"trainingfree-{_variant}")(lambda ctx, v=_variant: _training_free(ctx, v))
@@ -84,6 +88,8 @@ def _guided_runner(drift: str) -> MethodRunner:
 
 
 register_method("trainingfree", default=True)(_guided_runner("trainingfree"))
+# the damped plug-in of arXiv 2606.02884 (tilt/tweedie.py): the baseline training-free is held to
+register_method("tweedie-damped", default=True)(_guided_runner("tweedie-damped"))
 for _variant in VARIANTS:
     register_method(f"trainingfree-{_variant}")(_guided_runner(f"trainingfree-{_variant}"))
 

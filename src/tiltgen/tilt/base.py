@@ -36,6 +36,11 @@ def in_window(t: Tensor, window: tuple[float, float] | None) -> Tensor | None:
     return (t >= lo) & (t <= hi)
 
 
+def per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product [N, 1, ...] (broadcasts against a and b)."""
+    return (a * b).flatten(1).sum(1).reshape((a.shape[0],) + (1,) * (a.ndim - 1))
+
+
 def check_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
     if window is None:
         return None

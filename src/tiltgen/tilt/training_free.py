@@ -46,7 +46,7 @@ from ..core.conversions import coefficients
 from ..core.reward import Reward, as_reward, evaluate_reward, reward_gradient, reward_name
 from ..core.schedules import Schedule
 from ..errors import TiltgenError, check_beta, check_choice
-from .base import check_window, in_window
+from .base import check_window, in_window, per_sample_dot
 from .decomposition import Tilt
 
 VARIANTS = ("linear", "bounded", "newton", "snis")
@@ -60,11 +60,6 @@ def posterior_variance(schedule: Schedule, t: Tensor, x: Tensor, data_var: float
     return data_var * sigma2 / (c.alpha**2 * data_var + sigma2)
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample inner product [N, 1, ...] (broadcasts against a and b)."""
-    return (a * b).flatten(1).sum(1).reshape((a.shape[0],) + (1,) * (a.ndim - 1))
-
-
 def _newton_shift(reward: Reward, x0: Tensor, cond: Any, nu: Tensor, beta: float, steps: int) -> Tensor:
     """CG on (I + M) s = b, b = nu grad r(x0) / beta, M v = nu/beta (grad r(x0) - grad r(x0 + v)).
 
@@ -73,16 +68,16 @@ def _newton_shift(reward: Reward, x0: Tensor, cond: Any, nu: Tensor, beta: float
     g0 = reward_gradient(reward, x0, cond)
     b = nu * g0 / beta
     s, res, p = torch.zeros_like(b), b.clone(), b.clone()
-    rr = _dot(res, res)
+    rr = per_sample_dot(res, res)
     for _ in range(steps):
         mp = nu / beta * (g0 - reward_gradient(reward, x0 + p, cond))
         ap = p + mp
-        denom = _dot(p, ap)
+        denom = per_sample_dot(p, ap)
         # (I + M) is positive definite for concave rewards; stop a direction where it is not.
         step = torch.where(denom > 1e-30, rr / denom.clamp_min(1e-30), torch.zeros_like(denom))
         s = s + step * p
         res = res - step * ap
-        rr_new = _dot(res, res)
+        rr_new = per_sample_dot(res, res)
         p = res + torch.where(rr > 1e-30, rr_new / rr.clamp_min(1e-30), torch.zeros_like(rr)) * p
         rr = rr_new
     return s

@@ -10,6 +10,19 @@ the modes (bounded by the distance between them) while the plug-in moves along t
 between-mode covariance without bound as beta shrinks: it overshoots (docs/tweedie-bias.md).
 Costs a backward pass through the
 generator and the reward at every step.
+
+``damping=True`` is the damped plug-in (the within-mode correction that "Are we really
+tilting?", arXiv 2606.02884, derives in closed form; the derivation used here is in
+docs/tweedie-bias.md). For a Gaussian posterior N(x0_hat, v I) and a concave quadratic reward
+with curvature a, the exact log h_t is the plug-in's r(x0_hat) / beta times
+
+    lambda_t = 1 / (1 + a v / beta),
+
+so the plug-in over-concentrates within a mode by the factor 1 / lambda_t. Both v and a are
+read along the reward gradient u = grad r / |grad r| at no extra network evaluation: v from the
+backward pass the plug-in already makes, u.J^T u = (alpha / sigma^2) u.Cov[x0 | x_t] u
+(Tweedie's second-order identity), and a = -u.H_r u from one more reward gradient, a secant
+over the posterior spread sqrt(v). a is clamped at 0, so convex directions are not amplified.
 """
 
 from __future__ import annotations
@@ -19,19 +32,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.reward import Reward, as_reward, evaluate_reward, reward_name
+from ..core.conversions import coefficients
+from ..core.reward import Reward, as_reward, evaluate_reward, reward_gradient, reward_name
+from ..core.schedules import Schedule
 from ..errors import TiltgenError, check_beta
-from .base import check_window, in_window
+from .base import check_window, in_window, per_sample_dot
 from .decomposition import Tilt
 
 
 class TweedieGuidance:
-    """g = scale * grad_x r(x0_hat(x_t), c) / beta, optionally only for t in ``t_window``."""
+    """g = scale * grad_x r(x0_hat(x_t), c) / beta, optionally only for t in ``t_window``;
+    times lambda_t with ``damping`` (needs ``schedule``)."""
 
     needs_model_grad = True
 
     def __init__(self, reward: Reward, beta: float, scale: float = 1.0,
-                 t_window: tuple[float, float] | None = None):
+                 t_window: tuple[float, float] | None = None, damping: bool = False,
+                 schedule: Schedule | None = None):
+        if damping and schedule is None:
+            raise TiltgenError("damped Tweedie guidance needs the model's schedule (alpha, sigma of t)")
+        self.damping = bool(damping)
+        self.schedule = schedule
         self.reward = as_reward(reward)
         if not self.reward.differentiable:
             raise TiltgenError(f"Tweedie guidance needs a differentiable reward; {reward_name(self.reward)!r} is not")
@@ -43,7 +64,30 @@ class TweedieGuidance:
         if not x0_hat.requires_grad:
             raise TiltgenError("Tweedie guidance needs x0_hat with a graph to x_t (use it through GuidedModel)")
         r = evaluate_reward(self.reward, x0_hat, cond)
-        (grad,) = torch.autograd.grad(r.sum(), x_t)
+        if self.damping:
+            (grad_x0,) = torch.autograd.grad(r.sum(), x0_hat, retain_graph=True)
+            (grad,) = torch.autograd.grad(x0_hat, x_t, grad_outputs=grad_x0)
+            grad = grad * self.damping_factor(x_t, t, cond, x0_hat.detach(), grad_x0.detach(), grad.detach())
+        else:
+            (grad,) = torch.autograd.grad(r.sum(), x_t)
         tilt = Tilt(g=grad.detach() * (self.scale / self.beta))
         keep = in_window(t, self.t_window)
         return tilt if keep is None else tilt.masked(keep)
+
+    def damping_factor(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor, grad_x0: Tensor,
+                       grad_xt: Tensor) -> Tensor:
+        """lambda_t [N, 1, ...] = 1 / (1 + a v / beta) along u = grad_x0 / |grad_x0| (module docstring).
+        ``grad_xt`` = J^T grad_x0, the plug-in's own backward pass."""
+        c = coefficients(self.schedule, t, x_t)  # type: ignore[arg-type]
+        norm2 = per_sample_dot(grad_x0, grad_x0)
+        alpha = c.alpha.expand_as(norm2)
+        ok = (norm2 > 0) & (alpha > 1e-6)
+        # posterior variance along u: (sigma^2 / alpha) u.J u; J^T = J for a conservative denoiser
+        v = (c.sigma**2 / alpha.clamp_min(1e-6)) * per_sample_dot(grad_x0, grad_xt) / norm2.clamp_min(1e-300)
+        v = torch.where(ok, v.clamp_min(0.0), torch.zeros_like(v))
+        step = v.sqrt() * grad_x0 / norm2.clamp_min(1e-300).sqrt()
+        nearby = reward_gradient(self.reward, x0_hat + step, cond)
+        # curvature a = -u.H u by a secant over the posterior spread; 0 where there is no spread
+        curvature = -per_sample_dot(nearby - grad_x0, step) / per_sample_dot(step, step).clamp_min(1e-300)
+        curvature = torch.where(v > 0, curvature.clamp_min(0.0), torch.zeros_like(curvature))
+        return (1.0 / (1.0 + curvature * v / self.beta)).to(grad_xt.dtype)
