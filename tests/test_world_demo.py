@@ -64,6 +64,21 @@ def test_row_parsing_and_bad_input(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
 
 
+def test_twisted_binary_row_runs_particles_and_reports_them(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert cli(["demo", "--prompt", "a red shape and a blue shape", "--n", "1", "--particles", "2",
+                "--rows", "diffusion:unguided,diffusion:twisted-binary", "--timing-repeats", "1", "--no-progress",
+                "--out", str(out)]) == 0
+    records = {r["method"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    twisted = records["twisted-binary"]
+    assert twisted["particles"] == 2 and twisted["scale"] > 0
+    # each image costs its whole population: N trajectories of the unguided row's length
+    assert twisted["model_evals"] == pytest.approx(2 * records["unguided"]["model_evals"], rel=0.1)
+    assert "twisted SMC with 2 particles" in (out / "results.md").read_text()
+    assert cli(["demo", "--particles", "0", "--out", str(tmp_path / "e")]) == 2
+    assert "--particles must be >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_claims_on_held_out_under_specified_prompts(tmp_path):
     """Learned (diffusion, one-step) and training-free (flow) guidance: proxy gain >= 0.75 and gold

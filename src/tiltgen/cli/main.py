@@ -232,8 +232,11 @@ def _demo(args: argparse.Namespace) -> int:
         raise TiltgenError(f"--timing-repeats must be >= 1, got {args.timing_repeats}")
     if args.best_of is not None and args.best_of < 1:
         raise TiltgenError(f"--best-of must be >= 1, got {args.best_of}")
+    if args.particles < 1:
+        raise TiltgenError(f"--particles must be >= 1, got {args.particles}")
     settings = DemoSettings(prompts=prompts, prompt_set=prompt_set, n=args.n, beta=args.beta, seed=args.seed,
-                            rows=parse_rows(args.rows), timing_repeats=args.timing_repeats, best_of=args.best_of)
+                            rows=parse_rows(args.rows), timing_repeats=args.timing_repeats, best_of=args.best_of,
+                            particles=args.particles)
     out = writable_dir(Path(args.out) if args.out else fresh_output_dir())
     start = time.perf_counter()
     results = run_demo(settings, progress=not args.no_progress)
@@ -292,6 +295,8 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--prompt", action="append", help="custom prompt (repeatable; overrides --prompt-set)")
     demo.add_argument("--rows", help="MODEL:METHOD list (default: " + ",".join(DEFAULT_ROWS) + ")")
     demo.add_argument("--best-of", type=int, help="N of best-of-N (default: matched to the costliest guided row)")
+    demo.add_argument("--particles", type=int, default=4,
+                      help="particles per image of the twisted-SMC rows (diffusion:twisted-binary), default 4")
     demo.add_argument("--timing-repeats", type=int, default=2,
                       help="interleaved timing repeats; wall ratios use the fastest (default 2)")
     demo.add_argument("--no-progress", action="store_true")

@@ -35,13 +35,16 @@ DEFAULT_BETA = 0.05
 MODELS = {"diffusion": "builtin:world-diffusion", "onestep": "builtin:world-onestep", "flow": "builtin:world-flow"}
 #: Every row the demo can run, per model.
 METHODS: dict[str, tuple[str, ...]] = {
-    "diffusion": ("unguided", "tweedie", "learned", "learned-binary", "bestofn"),
+    "diffusion": ("unguided", "tweedie", "learned", "learned-binary", "twisted-binary", "bestofn"),
     "onestep": ("unguided", "learned", "bestofn"),
     "flow": ("unguided", "trainingfree", "tweedie", "bestofn"),
 }
 GUIDANCE = {("diffusion", "learned"): "builtin:guidance-diffusion-proxy",
             ("onestep", "learned"): "builtin:guidance-onestep-proxy",
-            ("diffusion", "learned-binary"): "builtin:guidance-diffusion-binary"}
+            ("diffusion", "learned-binary"): "builtin:guidance-diffusion-binary",
+            ("diffusion", "twisted-binary"): "builtin:guidance-diffusion-binary"}
+#: Rows that run twisted SMC: the learned network is the twist and its drift the proposal.
+TWISTED = {"twisted-binary": "binary"}
 DEFAULT_ROWS = ("diffusion:unguided", "diffusion:tweedie", "diffusion:learned", "diffusion:bestofn",
                 "onestep:unguided", "onestep:learned", "onestep:bestofn",
                 "flow:unguided", "flow:trainingfree", "flow:tweedie", "flow:bestofn")
@@ -60,6 +63,7 @@ class DemoSettings:
     rows: Sequence[tuple[str, str]] = ()
     timing_repeats: int = 2
     best_of: int | None = None  # None: matched to the costliest guided row of the same model
+    particles: int = 4  # particles per image of the twisted-SMC rows
 
 
 @dataclass
@@ -116,6 +120,27 @@ def _guided_runner(model: Any, method: str, name: str, settings: DemoSettings, r
     return run, counter, beta, getattr(estimator, "scale", None)
 
 
+def _twisted_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
+                    ) -> tuple[Callable[[], Tensor], CountingModel, float | None, float | None]:
+    """Twisted SMC (one population of ``settings.particles`` per image): the learned network's
+    log h_t twists, its guided drift proposes, the reward weighs the last step."""
+    from ..tilt.particles import smc_sample
+
+    prompts = [p for p in settings.prompts for _ in range(settings.n)]
+    estimator, beta = build_estimator(model, "learned", None, None, guidance=GUIDANCE[(name, method)])
+    counter = CountingModel(model)
+    latent_reward = model.latent_reward(reward)
+
+    def run() -> Tensor:
+        counter.calls = counter.sample_evals = 0
+        result = smc_sample(counter, model.schedule, latent_reward, beta, n=len(prompts), particles=settings.particles,
+                            shape=model.latent_shape, cond=prompts, steps=model.backend.default_steps,
+                            seed=settings.seed, drift=estimator, twist=estimator.log_twist)
+        return model.decode(result.samples)
+
+    return run, counter, beta, estimator.scale
+
+
 def _best_of_runner(model: Any, settings: DemoSettings, reward: Any, best_of: int
                     ) -> tuple[Callable[[], Tensor], CountingModel]:
     prompts = [p for p in settings.prompts for _ in range(settings.n)]
@@ -156,12 +181,14 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
     model = DiffusersBackend.from_pretrained(MODELS[name]).at()
     model.backend.check_prompts(settings.prompts)
     prompts = [p for p in settings.prompts for _ in range(settings.n)]
-    model.sample(model.encode(prompts[:2]), seeds=[0, 1], steps=1)  # first-call initialisation, untimed
+    warm = prompts[:2]
+    model.sample(model.encode(warm), seeds=list(range(len(warm))), steps=1)  # first-call initialisation, untimed
     runners: dict[str, Callable[[], Tensor]] = {}
     meta: dict[str, tuple[CountingModel, float | None, float | None]] = {}
     for method in ["unguided"] + [m for m in methods if m not in ("unguided", "bestofn")]:
-        reward = rewards["binary" if method == "learned-binary" else "target"]
-        run, counter, beta, scale = _guided_runner(model, method, name, settings, reward)
+        reward = rewards["binary" if method in ("learned-binary", "twisted-binary") else "target"]
+        make = _twisted_runner if method in TWISTED else _guided_runner
+        run, counter, beta, scale = make(model, method, name, settings, reward)
         runners[method], meta[method] = run, (counter, beta, scale)
     images, walls = _time_rows(runners, settings.timing_repeats)
     if progress is not None:
@@ -170,8 +197,10 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
     results = {m: RowResult(name, m, images[m], walls[m], meta[m][0].sample_evals / len(prompts) * evals_per_call,
                             m == "tweedie", None if m == "unguided" else meta[m][1]) for m in runners}
     for m in results:
-        if m.startswith("learned"):  # the network's calibrated scale, or 1
+        if m.startswith("learned") or m in TWISTED:  # the network's calibrated scale, or 1
             results[m].extra["scale"] = meta[m][2]
+        if m in TWISTED:
+            results[m].extra["particles"] = settings.particles
     if "trainingfree" in results:
         results["trainingfree"].extra["variant"] = default_variant(model)
     if "bestofn" in methods:
@@ -200,6 +229,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> list[RowResult]:
         raise TiltgenError("the demo needs at least one prompt")
     if settings.timing_repeats < 1:
         raise TiltgenError(f"timing repeats must be >= 1, got {settings.timing_repeats}")
+    if settings.particles < 1:
+        raise TiltgenError(f"particles must be >= 1, got {settings.particles}")
     rows = list(settings.rows) or parse_rows(None)
     from ..world import parse_caption
 

@@ -168,7 +168,10 @@ def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Pat
         + "".join(f" {r.model} {r.method} uses the `{r.extra['variant']}` variant (the model folder's recommendation)."
                   for r in results if "variant" in r.extra)
         + "".join(f" {r.model} {r.method} guides at scale {r.extra['scale']:.3g} (the network's calibrated scale, "
-                  "`tiltgen calibrate-guidance`)." for r in results if r.extra.get("scale") not in (None, 1.0)) + "\n",
+                  "`tiltgen calibrate-guidance`)." for r in results if r.extra.get("scale") not in (None, 1.0))
+        + "".join(f" {r.model} {r.method} is twisted SMC with {r.extra['particles']} particles per image (the network's "
+                  "log h_t twists, its guided drift proposes, the reward weighs the last step; resampled at ESS < 0.5)."
+                  for r in results if "particles" in r.extra) + "\n",
         "## Effect sizes (mean over prompts)\n",
         "Gains are over the same model's unguided samples, in units of the base model's within-prompt standard "
         "deviation of that reward; fidelity = fraction of the attributes a prompt specifies that the attribute "
@@ -230,6 +233,8 @@ def plot_grid(results: Sequence[RowResult], settings: DemoSettings, path: Path, 
                 if i == 0 and j == 0:
                     ax.set_title(repr(prompt), fontsize=7, loc="left")
         label = row.method if row.method != "bestofn" else f"best-of-{row.extra.get('best_of')}"
+        if "particles" in row.extra:
+            label += f"\n(N = {row.extra['particles']})"
         if "variant" in row.extra:
             label += f"\n({row.extra['variant']})"
         if row.extra.get("scale") not in (None, 1.0):
