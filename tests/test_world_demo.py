@@ -67,14 +67,18 @@ def test_row_parsing_and_bad_input(tmp_path, capsys):
 def test_twisted_binary_row_runs_particles_and_reports_them(tmp_path, capsys):
     out = tmp_path / "d"
     assert cli(["demo", "--prompt", "a red shape and a blue shape", "--n", "1", "--particles", "2",
-                "--rows", "diffusion:unguided,diffusion:twisted-binary", "--timing-repeats", "1", "--no-progress",
+                "--rows", "diffusion:unguided,diffusion:twisted-binary,diffusion:smc-binary", "--timing-repeats", "1",
+                "--no-progress",
                 "--out", str(out)]) == 0
     records = {r["method"]: r for r in json.loads((out / "results.json").read_text())["records"]}
     twisted = records["twisted-binary"]
     assert twisted["particles"] == 2 and twisted["scale"] > 0
     # each image costs its whole population: N trajectories of the unguided row's length
     assert twisted["model_evals"] == pytest.approx(2 * records["unguided"]["model_evals"], rel=0.1)
-    assert "twisted SMC with 2 particles" in (out / "results.md").read_text()
+    plain = records["smc-binary"]
+    assert plain["particles"] == 2 and "scale" not in plain and plain["beta"] == twisted["beta"]  # one target
+    md = (out / "results.md").read_text()
+    assert "twisted SMC with 2 particles" in md and "smc-binary is SMC with 2 particles" in md
     assert cli(["demo", "--particles", "0", "--out", str(tmp_path / "e")]) == 2
     assert "--particles must be >= 1" in capsys.readouterr().err
 

@@ -35,7 +35,7 @@ DEFAULT_BETA = 0.05
 MODELS = {"diffusion": "builtin:world-diffusion", "onestep": "builtin:world-onestep", "flow": "builtin:world-flow"}
 #: Every row the demo can run, per model.
 METHODS: dict[str, tuple[str, ...]] = {
-    "diffusion": ("unguided", "tweedie", "learned", "learned-binary", "twisted-binary", "bestofn"),
+    "diffusion": ("unguided", "tweedie", "learned", "learned-binary", "twisted-binary", "smc-binary", "bestofn"),
     "onestep": ("unguided", "learned", "bestofn"),
     "flow": ("unguided", "trainingfree", "tweedie", "bestofn"),
 }
@@ -43,8 +43,9 @@ GUIDANCE = {("diffusion", "learned"): "builtin:guidance-diffusion-proxy",
             ("onestep", "learned"): "builtin:guidance-onestep-proxy",
             ("diffusion", "learned-binary"): "builtin:guidance-diffusion-binary",
             ("diffusion", "twisted-binary"): "builtin:guidance-diffusion-binary"}
-#: Rows that run twisted SMC: the learned network is the twist and its drift the proposal.
-TWISTED = {"twisted-binary": "binary"}
+#: Rows that run SMC (``settings.particles`` per image). Twisted: the learned network is the twist
+#: and its drift the proposal; plain: the base model proposes, the twist is r(x0_hat) / beta.
+PARTICLE_ROWS = {"twisted-binary": "twisted", "smc-binary": "plain"}
 DEFAULT_ROWS = ("diffusion:unguided", "diffusion:tweedie", "diffusion:learned", "diffusion:bestofn",
                 "onestep:unguided", "onestep:learned", "onestep:bestofn",
                 "flow:unguided", "flow:trainingfree", "flow:tweedie", "flow:bestofn")
@@ -120,14 +121,24 @@ def _guided_runner(model: Any, method: str, name: str, settings: DemoSettings, r
     return run, counter, beta, getattr(estimator, "scale", None)
 
 
-def _twisted_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
-                    ) -> tuple[Callable[[], Tensor], CountingModel, float | None, float | None]:
-    """Twisted SMC (one population of ``settings.particles`` per image): the learned network's
-    log h_t twists, its guided drift proposes, the reward weighs the last step."""
+def _smc_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
+                ) -> tuple[Callable[[], Tensor], CountingModel, float | None, float | None]:
+    """SMC with one population of ``settings.particles`` per image; the reward weighs the last
+    step. Twisted rows: the learned network's log h_t twists and its guided drift proposes, at
+    the network's beta. Plain rows: the base model proposes, r(x0_hat) / beta twists."""
     from ..tilt.particles import smc_sample
 
     prompts = [p for p in settings.prompts for _ in range(settings.n)]
-    estimator, beta = build_estimator(model, "learned", None, None, guidance=GUIDANCE[(name, method)])
+    estimator, beta = None, settings.beta
+    if PARTICLE_ROWS[method] == "twisted":
+        estimator, beta = build_estimator(model, "learned", None, None, guidance=GUIDANCE[(name, method)])
+    elif (name, method.replace("smc-", "twisted-")) in GUIDANCE:
+        # the plain row aims at its twisted twin's target: the beta that network was trained at
+        from ..builtin import resolve_weights
+        from ..tilt.learned.pretrained import read_guidance_record
+
+        twin = resolve_weights(GUIDANCE[(name, method.replace("smc-", "twisted-"))], "guidance network")
+        beta = float(read_guidance_record(twin)["beta"])
     counter = CountingModel(model)
     latent_reward = model.latent_reward(reward)
 
@@ -135,10 +146,11 @@ def _twisted_runner(model: Any, method: str, name: str, settings: DemoSettings, 
         counter.calls = counter.sample_evals = 0
         result = smc_sample(counter, model.schedule, latent_reward, beta, n=len(prompts), particles=settings.particles,
                             shape=model.latent_shape, cond=prompts, steps=model.backend.default_steps,
-                            seed=settings.seed, drift=estimator, twist=estimator.log_twist)
+                            seed=settings.seed, drift=estimator,
+                            twist=None if estimator is None else estimator.log_twist)
         return model.decode(result.samples)
 
-    return run, counter, beta, estimator.scale
+    return run, counter, beta, None if estimator is None else estimator.scale
 
 
 def _best_of_runner(model: Any, settings: DemoSettings, reward: Any, best_of: int
@@ -186,8 +198,8 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
     runners: dict[str, Callable[[], Tensor]] = {}
     meta: dict[str, tuple[CountingModel, float | None, float | None]] = {}
     for method in ["unguided"] + [m for m in methods if m not in ("unguided", "bestofn")]:
-        reward = rewards["binary" if method in ("learned-binary", "twisted-binary") else "target"]
-        make = _twisted_runner if method in TWISTED else _guided_runner
+        reward = rewards["binary" if method.endswith("-binary") else "target"]
+        make = _smc_runner if method in PARTICLE_ROWS else _guided_runner
         run, counter, beta, scale = make(model, method, name, settings, reward)
         runners[method], meta[method] = run, (counter, beta, scale)
     images, walls = _time_rows(runners, settings.timing_repeats)
@@ -197,9 +209,9 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
     results = {m: RowResult(name, m, images[m], walls[m], meta[m][0].sample_evals / len(prompts) * evals_per_call,
                             m == "tweedie", None if m == "unguided" else meta[m][1]) for m in runners}
     for m in results:
-        if m.startswith("learned") or m in TWISTED:  # the network's calibrated scale, or 1
+        if m.startswith("learned") or PARTICLE_ROWS.get(m) == "twisted":  # the network's calibrated scale, or 1
             results[m].extra["scale"] = meta[m][2]
-        if m in TWISTED:
+        if m in PARTICLE_ROWS:
             results[m].extra["particles"] = settings.particles
     if "trainingfree" in results:
         results["trainingfree"].extra["variant"] = default_variant(model)

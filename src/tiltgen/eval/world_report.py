@@ -169,9 +169,8 @@ def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Pat
                   for r in results if "variant" in r.extra)
         + "".join(f" {r.model} {r.method} guides at scale {r.extra['scale']:.3g} (the network's calibrated scale, "
                   "`tiltgen calibrate-guidance`)." for r in results if r.extra.get("scale") not in (None, 1.0))
-        + "".join(f" {r.model} {r.method} is twisted SMC with {r.extra['particles']} particles per image (the network's "
-                  "log h_t twists, its guided drift proposes, the reward weighs the last step; resampled at ESS < 0.5)."
-                  for r in results if "particles" in r.extra) + "\n",
+        + "".join(f" {r.model} {r.method} is {_smc_description(r)}." for r in results if "particles" in r.extra)
+        + "\n",
         "## Effect sizes (mean over prompts)\n",
         "Gains are over the same model's unguided samples, in units of the base model's within-prompt standard "
         "deviation of that reward; fidelity = fraction of the attributes a prompt specifies that the attribute "
@@ -243,6 +242,15 @@ def plot_grid(results: Sequence[RowResult], settings: DemoSettings, path: Path, 
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _smc_description(row: RowResult) -> str:
+    n = row.extra["particles"]
+    if "scale" in row.extra:
+        return (f"twisted SMC with {n} particles per image (the guidance network's log h_t twists, its guided drift "
+                "proposes, the reward weighs the last step; resampled at ESS < 0.5)")
+    return (f"SMC with {n} particles per image (the base model proposes, r(x0_hat) / beta of the decoded prediction "
+            "twists, the reward weighs the last step; resampled at ESS < 0.5)")
 
 
 def fresh_output_dir(base: str = "tiltgen-demo") -> Path:
