@@ -90,6 +90,22 @@ def test_guided_pipeline_equals_tiltgen_sampling_and_leaves_the_pipeline_as_it_w
     assert float((ours - plain).abs().max()) > 100 * (1e-5 * float(ref.abs().max()) + 1e-5)  # it did guide
 
 
+@pytest.mark.parametrize("case", ["sd-ddim", "sd3"])
+def test_damped_plug_in_through_guide_equals_tiltgen_sampling(case):
+    build, kwargs, steps, scale = CASES[case]
+    pipe = loaded(build, **kwargs)
+    guided = tiltgen.guide(pipe, reward="brightness", method="tweedie", beta=0.1, variant="damped")
+    ours = pipeline_latents(pipe, guided, steps, scale)
+    model = DiffusersBackend(loaded(build, **kwargs)).at(SIZE, SIZE, guidance_scale=scale)
+    cond = model.encode(PROMPTS, **extra(pipe))
+    latents = {}
+    for variant in ("damped", "plain"):
+        estimator, _ = build_estimator(model, "tweedie", get_reward("brightness"), 0.1, variant=variant)
+        latents[variant] = model.sample(cond, seeds=SEEDS, steps=steps, guidance=estimator, decode=False).latents
+    assert close(ours, latents["damped"]), f"{case}: max |diff| {float((ours - latents['damped']).abs().max())}"
+    assert not close(latents["plain"], latents["damped"])  # the decoder makes the reward curved in the latent
+
+
 def test_learned_noise_tilt_on_the_builtin_one_step_model_equals_tiltgen_sampling():
     from diffusers import DiffusionPipeline
 
