@@ -87,6 +87,11 @@ def test_damped_tweedie_is_exact_for_an_isotropic_gaussian_and_a_quadratic_rewar
                                GuidedModel(gm.model(s, "eps"), s, TweedieGuidance(linear, 0.4))(x, t))
     with pytest.raises(TiltgenError, match="schedule"):
         TweedieGuidance(reward, 0.4, damping=True)
+    # a reward that is flat somewhere (zero gradient) leaves the float32 model untouched there
+    flat = as_reward(lambda x0, cond=None: (x0 * 0).sum(1))
+    x32, t32 = torch.randn(4, 3), torch.full((4,), 0.5)
+    damped_flat = GuidedModel(gm.model(s, "eps"), s, TweedieGuidance(flat, 0.4, damping=True, schedule=s))
+    torch.testing.assert_close(damped_flat(x32, t32), gm.model(s, "eps")(x32, t32))
 
 
 def test_tweedie_overshoots_on_a_mixture():

@@ -79,15 +79,16 @@ class TweedieGuidance:
         """lambda_t [N, 1, ...] = 1 / (1 + a v / beta) along u = grad_x0 / |grad_x0| (module docstring).
         ``grad_xt`` = J^T grad_x0, the plug-in's own backward pass."""
         c = coefficients(self.schedule, t, x_t)  # type: ignore[arg-type]
+        tiny = torch.finfo(grad_x0.dtype).tiny  # a zero gradient must give 0, not 0/0, in float32 too
         norm2 = per_sample_dot(grad_x0, grad_x0)
         alpha = c.alpha.expand_as(norm2)
         ok = (norm2 > 0) & (alpha > 1e-6)
         # posterior variance along u: (sigma^2 / alpha) u.J u; J^T = J for a conservative denoiser
-        v = (c.sigma**2 / alpha.clamp_min(1e-6)) * per_sample_dot(grad_x0, grad_xt) / norm2.clamp_min(1e-300)
+        v = (c.sigma**2 / alpha.clamp_min(1e-6)) * per_sample_dot(grad_x0, grad_xt) / norm2.clamp_min(tiny)
         v = torch.where(ok, v.clamp_min(0.0), torch.zeros_like(v))
-        step = v.sqrt() * grad_x0 / norm2.clamp_min(1e-300).sqrt()
+        step = v.sqrt() * grad_x0 / norm2.clamp_min(tiny).sqrt()
         nearby = reward_gradient(self.reward, x0_hat + step, cond)
         # curvature a = -u.H u by a secant over the posterior spread; 0 where there is no spread
-        curvature = -per_sample_dot(nearby - grad_x0, step) / per_sample_dot(step, step).clamp_min(1e-300)
+        curvature = -per_sample_dot(nearby - grad_x0, step) / per_sample_dot(step, step).clamp_min(tiny)
         curvature = torch.where(v > 0, curvature.clamp_min(0.0), torch.zeros_like(curvature))
         return (1.0 / (1.0 + curvature * v / self.beta)).to(grad_xt.dtype)
