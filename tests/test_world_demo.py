@@ -72,11 +72,11 @@ def test_twisted_binary_row_runs_particles_and_reports_them(tmp_path, capsys):
                 "--out", str(out)]) == 0
     records = {r["method"]: r for r in json.loads((out / "results.json").read_text())["records"]}
     twisted = records["twisted-binary"]
-    assert twisted["particles"] == 2 and twisted["scale"] > 0
+    assert twisted["particles"] == 2 and twisted["smc"] == "twisted" and twisted["scale"] > 0
     # each image costs its whole population: N trajectories of the unguided row's length
     assert twisted["model_evals"] == pytest.approx(2 * records["unguided"]["model_evals"], rel=0.1)
     plain = records["smc-binary"]
-    assert plain["particles"] == 2 and "scale" not in plain and plain["beta"] == twisted["beta"]  # one target
+    assert plain["particles"] == 2 and plain["smc"] == "plain" and "scale" not in plain and plain["beta"] == twisted["beta"]  # one target
     md = (out / "results.md").read_text()
     assert "twisted SMC with 2 particles" in md and "smc-binary is SMC with 2 particles" in md
     assert cli(["demo", "--particles", "0", "--out", str(tmp_path / "e")]) == 2

@@ -144,10 +144,7 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     """The estimator of ``--method``; records the beta and variant it really uses in ``args``."""
     from ..eval.estimators import build_estimator, default_variant
 
-    if args.method == "tweedie":
-        args.variant = args.variant or "plain"
-    elif args.method == "trainingfree":
-        args.variant = args.variant or default_variant(model)
+    args.variant = args.variant or ("plain" if args.method == "tweedie" else default_variant(model))
     estimator, args.beta = build_estimator(model, args.method, reward, args.beta, guidance=args.guidance,
                                            scale=args.scale, t_window=tuple(args.t_window) if args.t_window else None,
                                            data_var=args.data_var, variant=args.variant, seed=args.seed,

@@ -130,15 +130,15 @@ def _smc_runner(model: Any, method: str, name: str, settings: DemoSettings, rewa
 
     prompts = [p for p in settings.prompts for _ in range(settings.n)]
     estimator, beta = None, settings.beta
+    twin = GUIDANCE.get((name, method.replace("smc-", "twisted-")))
     if PARTICLE_ROWS[method] == "twisted":
         estimator, beta = build_estimator(model, "learned", None, None, guidance=GUIDANCE[(name, method)])
-    elif (name, method.replace("smc-", "twisted-")) in GUIDANCE:
+    elif twin is not None:
         # the plain row aims at its twisted twin's target: the beta that network was trained at
         from ..builtin import resolve_weights
         from ..tilt.learned.pretrained import read_guidance_record
 
-        twin = resolve_weights(GUIDANCE[(name, method.replace("smc-", "twisted-"))], "guidance network")
-        beta = float(read_guidance_record(twin)["beta"])
+        beta = float(read_guidance_record(resolve_weights(twin, "guidance network"))["beta"])
     counter = CountingModel(model)
     latent_reward = model.latent_reward(reward)
 
@@ -212,7 +212,7 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
         if m.startswith("learned") or PARTICLE_ROWS.get(m) == "twisted":  # the network's calibrated scale, or 1
             results[m].extra["scale"] = meta[m][2]
         if m in PARTICLE_ROWS:
-            results[m].extra["particles"] = settings.particles
+            results[m].extra.update(particles=settings.particles, smc=PARTICLE_ROWS[m])
     if "trainingfree" in results:
         results["trainingfree"].extra["variant"] = default_variant(model)
     if "bestofn" in methods:

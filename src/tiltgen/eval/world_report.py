@@ -246,7 +246,7 @@ def plot_grid(results: Sequence[RowResult], settings: DemoSettings, path: Path, 
 
 def _smc_description(row: RowResult) -> str:
     n = row.extra["particles"]
-    if "scale" in row.extra:
+    if row.extra["smc"] == "twisted":
         return (f"twisted SMC with {n} particles per image (the guidance network's log h_t twists, its guided drift "
                 "proposes, the reward weighs the last step; resampled at ESS < 0.5)")
     return (f"SMC with {n} particles per image (the base model proposes, r(x0_hat) / beta of the decoded prediction "
