@@ -54,10 +54,11 @@ def test_fresh_run_wall_sums_each_used_stage_once_from_what_it_recorded(tmp_path
     sampling = 0.5 * settings.n * len(settings.prompts)
     assert fresh["by_kind_s"] == {"oracle": recorded, "sample": sampling}
     assert fresh["total_s"] == pytest.approx(recorded + sampling)
-    assert fresh["stages"] == 3 and len(fresh["stages_without_wall"]) == 1
+    assert fresh["stages"] == 3 and len(fresh["stages_without_wall"]) == 1 and fresh["stages_with_partial_wall"] == 1
     text = markdown({"settings": settings.to_json(), "rows": [], "wall_s": 1.0, "headline": {},
                      "fresh_run_wall": fresh})
     assert "With an empty cache" in text and "1 stage(s) recorded no wall time" in text
+    assert "1 stage(s) cached before whole-stage times were recorded" in text
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_data():

@@ -110,16 +110,18 @@ class StageCache:
         (oracle pool, data + training of a fine-tuning run or guidance network, sampling)."""
         by_kind: dict[str, float] = {}
         unknown: list[str] = []
+        partial = 0
         for name, (kind, result) in sorted(self.used.items()):
             wall = result.get("stage_wall_s")
             if wall is None:
                 wall = _recorded_stage_wall(kind, result, settings)
+                partial += wall is not None
             if wall is None:
                 unknown.append(name)
                 continue
             by_kind[kind] = by_kind.get(kind, 0.0) + float(wall)
         return {"total_s": sum(by_kind.values()), "by_kind_s": by_kind, "stages": len(self.used),
-                "stages_without_wall": unknown}
+                "stages_without_wall": unknown, "stages_with_partial_wall": partial}
 
 
 def _recorded_stage_wall(kind: str, result: dict[str, Any], settings: BenchSettings) -> float | None:
@@ -746,12 +748,15 @@ def _fresh_run_sentence(result: dict[str, Any]) -> str:
     fresh = result.get("fresh_run_wall")
     if not fresh:
         return ""
-    parts = ", ".join(f"{kind} {seconds / 60:.0f} min" for kind, seconds in sorted(fresh["by_kind_s"].items()))
-    missing = len(fresh["stages_without_wall"])
+    notes = [", ".join(f"{kind} {seconds / 60:.0f} min" for kind, seconds in sorted(fresh["by_kind_s"].items())),
+             "the shipped guidance networks' own training not included"]
+    if fresh.get("stages_with_partial_wall"):
+        notes.append(f"{fresh['stages_with_partial_wall']} stage(s) cached before whole-stage times were recorded "
+                     "count only their own sampling, data and training times, not scoring their images")
+    if fresh["stages_without_wall"]:
+        notes.append(f"{len(fresh['stages_without_wall'])} stage(s) recorded no wall time")
     return (f" With an empty cache, on one process, the stages this table used would take "
-            f"{fresh['total_s'] / 60:.0f} min as they were recorded ({parts}; scoring the images and the shipped "
-            f"guidance networks' own training not included" + (f"; {missing} stage(s) recorded no wall time)" if missing
-                                                                 else ")") + ".")
+            f"{fresh['total_s'] / 60:.0f} min as they were recorded ({'; '.join(notes)}).")
 
 
 def _hacking_cell(row: dict[str, Any]) -> str:
