@@ -29,8 +29,9 @@ def _bench_analytic(args: argparse.Namespace) -> int:
     base = BenchSettings.quick() if args.quick else BenchSettings()
     settings = BenchSettings(n=args.n or base.n, steps=args.steps or base.steps, sampler=args.sampler or base.sampler,
                              floor_pairs=args.floor_pairs, seed=args.seed,
-                             train_steps=args.train_steps or base.train_steps, train_data=base.train_data,
-                             train_pool=base.train_pool,
+                             train_steps=args.train_steps or base.train_steps,
+                             train_data=args.train_data or base.train_data,
+                             train_pool=args.train_pool or base.train_pool,
                              timing_repeats=args.timing_repeats or base.timing_repeats)
     for path in (args.json, args.plot, args.markdown):  # fail before the work, not after it
         if path is not None and Path(path).is_dir():
@@ -390,7 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default 2, quick 1)")
     analytic.add_argument("--markdown", help="write the results as a Markdown table to this file")
     analytic.add_argument("--no-progress", action="store_true", help="no progress bar")
-    analytic.add_argument("--train-steps", type=int, help="learned guidance: training steps (default 1500, quick 250)")
+    analytic.add_argument("--train-steps", type=int, help="learned guidance: training steps (default 1500, quick 1000)")
+    analytic.add_argument("--train-data", type=int, help="learned guidance: base samples it is trained on "
+                                                          "(default 4000, quick 1000)")
+    analytic.add_argument("--train-pool", type=int, help="learned guidance: noised training states (default 1048576, "
+                                                          "quick 262144)")
     analytic.set_defaults(func=_bench_analytic)
     world = benches.add_parser("world", help="guidance against fine-tuning on the built-in world, with compute",
                                description="Every guidance method, best-of-N, SMC and the fine-tuning baselines on "

@@ -38,14 +38,16 @@ class BenchSettings:
     seed: int = 0
     # wall_s is the fastest of this many interleaved timings of each method's sampling
     timing_repeats: int = 2
-    # learned guidance, trained inside the bench: optimiser steps, samples, noised pool size
+    # learned guidance, trained inside the bench: optimiser steps, samples, noised pool size.
+    # The pool holds about one state per state visited in training (steps x batch 1024):
+    # a pool visited many times over is memorised, noise draws and all (docs/learned-guidance.md)
     train_steps: int = 1500
     train_data: int = 4000
-    train_pool: int = 65536
+    train_pool: int = 1 << 20
 
     @classmethod
     def quick(cls) -> "BenchSettings":
-        return cls(n=1000, steps=25, train_steps=250, train_data=1000, train_pool=16384, timing_repeats=1)
+        return cls(n=1000, steps=25, train_steps=1000, train_data=1000, train_pool=1 << 18, timing_repeats=1)
 
     def __post_init__(self) -> None:
         if self.n < 2:

@@ -50,10 +50,17 @@ class MLPConfig:
     cond_dim: int = 0
     time_freqs: int = 8
     kind: str = "mlp"
+    linear_skip: bool = False  # add z . (A phi(t) + B e + b) (see PotentialMLP)
 
 
 class PotentialMLP(nn.Module):
-    """F(z, t, e) = w . h_L + v . phi(t), h_l = tanh(W_l h_{l-1} + U_l phi(t) + C_l e + b_l).
+    """F(z, t, e) = w . h_L + v . phi(t) [+ z . (A phi(t) + B e + b)],
+    h_l = tanh(W_l h_{l-1} + U_l phi(t) + C_l e + b_l).
+
+    The optional linear skip (``linear_skip``) carries the part of log h_t that is linear in
+    z: for a linear reward on a Gaussian mode log h_t is exactly linear in x_t, with a slope
+    that grows like 1/beta, and bounded tanh units need large weights to build a wide-range
+    linear function. On the analytic bench the skip halved the 32-D cases' distance.
 
     Time (and the condition) enter every layer as an additive bias, so the gradient in z
     is the plain chain of the layer Jacobians and is written out by hand. tanh because its
@@ -76,9 +83,18 @@ class PotentialMLP(nn.Module):
         self.time_out = nn.Linear(self.time.dim, 1, bias=False)
         nn.init.zeros_(self.out.weight)  # start at F = 0: no guidance until trained
         nn.init.zeros_(self.out.bias)
+        self.skip = nn.Linear(self.time.dim, config.dim) if config.linear_skip else None
+        self.skip_cond = nn.Linear(config.cond_dim, config.dim, bias=False) \
+            if config.linear_skip and config.cond_dim else None
+        for layer in (self.skip, self.skip_cond):
+            if layer is not None:  # zero: an untrained network gives no guidance
+                nn.init.zeros_(layer.weight)
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.bias)
 
-    def _biases(self, t: Tensor, emb: Tensor | None, n: int) -> tuple[list[Tensor], Tensor]:
-        """Per-layer biases b_l + U_l phi(t) (+ C_l e), [1 or N, H], and the t-only term of F [N]."""
+    def _biases(self, t: Tensor, emb: Tensor | None, n: int) -> tuple[list[Tensor], Tensor, Tensor | None]:
+        """Per-layer biases b_l + U_l phi(t) (+ C_l e), [1 or N, H], the t-only term of F [N]
+        and the skip slope A phi(t) + b [1 or N, dim] (None without the skip)."""
         # During sampling every row shares t: embed it once and broadcast.
         same_t = t.numel() > 1 and bool((t == t[0]).all())
         phi = self.time(t[:1] if same_t else t)
@@ -87,7 +103,10 @@ class PotentialMLP(nn.Module):
             if emb is None:
                 raise TiltgenError("this guidance network is conditional: pass a condition embedding")
             biases = [b + proj(emb) for b, proj in zip(biases, self.cond_in)]
-        return biases, self.time_out(phi)[:, 0].expand(n)
+        slope = None if self.skip is None else self.skip(phi)
+        if self.skip_cond is not None:
+            slope = slope + self.skip_cond(emb)
+        return biases, self.time_out(phi)[:, 0].expand(n), slope
 
     def _check(self, z: Tensor) -> None:
         if z.ndim != 2 or z.shape[1] != self.config.dim:
@@ -96,11 +115,12 @@ class PotentialMLP(nn.Module):
     def forward(self, z: Tensor, t: Tensor, emb: Tensor | None = None) -> Tensor:
         """F [N]."""
         self._check(z)
-        biases, f_t = self._biases(t, emb, z.shape[0])
+        biases, f_t, slope = self._biases(t, emb, z.shape[0])
         h = z
         for layer, bias in zip(self.layers, biases):
             h = torch.tanh(self._affine(layer, h, bias))
-        return self.out(h)[:, 0] + f_t
+        value = self.out(h)[:, 0] + f_t
+        return value if slope is None else value + (z * slope).sum(1)
 
     @staticmethod
     def _affine(layer: nn.Linear, h: Tensor, bias: Tensor) -> Tensor:
@@ -112,7 +132,7 @@ class PotentialMLP(nn.Module):
         """(F [N], dF/dz [N, dim]) with the backward pass written out (F is only its t-term
         when ``need_value`` is False: sampling needs the gradient alone)."""
         self._check(z)
-        biases, f_t = self._biases(t, emb, z.shape[0])
+        biases, f_t, skip = self._biases(t, emb, z.shape[0])
         h, slopes = z, []
         for layer, bias in zip(self.layers, biases):
             h, slope = _tanh_and_slope(self._affine(layer, h, bias))
@@ -121,7 +141,11 @@ class PotentialMLP(nn.Module):
         delta = self.out.weight  # [1, H], broadcast over rows
         for layer, slope in zip(reversed(self.layers), reversed(slopes)):
             delta = (delta * slope) @ layer.weight
-        return value, delta
+        if skip is None:
+            return value, delta
+        if need_value:
+            value = value + (z * skip).sum(1)
+        return value, delta + skip
 
 
 @dataclass(frozen=True)
