@@ -120,16 +120,18 @@ def test_bench_patterns_and_costs():
     records = run_analytic_bench(["ring2d-linear-b2"], ["flow"], ["unguided", "smc-4", "bestofn-4", "smc-2+trainingfree"],
                                  settings, progress=False).records
     by = {r["method"]: r for r in records}
-    assert by["smc-4"]["model_evals"] == 4 * 5 and by["smc-4"]["sampler"] == "ddpm"
+    # SMC's ddpm steps match the Heun trajectory's 2 * 5 - 1 model evaluations
+    assert by["smc-4"]["model_evals"] == 4 * 9 == 4 * by["unguided"]["model_evals"]
+    assert by["smc-4"]["sampler"] == "ddpm" and by["smc-4"]["smc_steps"] == 9
     assert by["bestofn-4"]["model_evals"] == 4 * by["unguided"]["model_evals"]
-    assert by["smc-2+trainingfree"]["reward_grad_evals"] == 2 * 4  # drift on every step but the last
+    assert by["smc-2+trainingfree"]["reward_grad_evals"] == 2 * 8  # drift on every step but the last
     with pytest.raises(TiltgenError, match="particles"):
         resolve_method("twisted-smc-0")
     twisted = run_analytic_bench(["ring2d-linear-b2"], ["flow"], ["twisted-smc-4"],
                                  BenchSettings(n=40, steps=5, train_steps=20, train_data=200, train_pool=2000),
                                  progress=False).records
     row = next(r for r in twisted if r["method"] == "twisted-smc-4")
-    assert row["model_evals"] == 4 * 5 and len(row["ess_per_step"]) == 5 and 0 < row["ess_min"] <= 1
+    assert row["model_evals"] == 4 * 9 and len(row["ess_per_step"]) == 9 and 0 < row["ess_min"] <= 1
     assert row["train_reward_evals"] > 0 and abs(row["log_z"] - row["log_z_exact"]) < 2
 
 

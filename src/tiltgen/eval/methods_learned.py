@@ -29,7 +29,7 @@ from ..core.samplers import time_grid
 from ..tilt import GuidedModel
 from ..tilt.learned import TrainConfig, train_guidance
 from .analytic_bench import MethodContext, MethodOutput, MethodRunner, register_method, register_method_pattern
-from .methods_trainingfree import SMC_SAMPLER, particle_count, run_smc_chunks
+from .methods_trainingfree import SMC_SAMPLER, particle_count, run_smc_chunks, smc_steps
 
 DEFAULT_LOSS = "logistic"
 DEFAULT_ETA = 1.0
@@ -77,7 +77,7 @@ def _twisted_smc_factory(match: re.Match[str]) -> MethodRunner:
         outs = run_smc_chunks(ctx, particles, result.guidance, result.guidance.log_twist)
         per_step = torch.tensor([o.ess for o in outs], dtype=torch.float64).mean(0)
         return MethodOutput(torch.cat([o.samples for o in outs]), setup_s=setup, extra={
-            "sampler": SMC_SAMPLER, "particles": particles, "ess_per_step": [round(float(v), 4) for v in per_step],
+            "sampler": SMC_SAMPLER, "smc_steps": smc_steps(ctx), "particles": particles, "ess_per_step": [round(float(v), 4) for v in per_step],
             "ess_min": float(per_step.min()), "log_z": float(torch.cat([o.log_z for o in outs]).mean()),
             "log_z_exact": float(ctx.tilted.log_z), **record})
 

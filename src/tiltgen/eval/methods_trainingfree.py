@@ -11,8 +11,12 @@
 Particle methods run n independent populations of N particles (batched in chunks of at
 most ``MAX_PARTICLES``) and return one sample per population, so the counters, divided by
 n, charge each output sample with its whole population. SMC uses the ``ddpm`` sampler
-(stochastic, so resampled copies diverge) with the benchmark's number of steps; the
-record's ``sampler`` field says so.
+(stochastic, so resampled copies diverge and the proposal density is known) with as many
+steps as the benchmark's sampler makes model evaluations (Heun's 25 steps are 49 calls, so
+49 ``ddpm`` steps): a particle's trajectory costs what one guided trajectory costs. With
+the bench's step count instead, the first-order ``ddpm`` sampler's own error dominated, and
+more particles converged to the tilt of that less accurate distribution. The record's
+``sampler`` and ``smc_steps`` fields say what ran.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..backends.gaussian_mixture import GaussianMixture
+from ..core.samplers import evals_per_sample
 from ..errors import TiltgenError
 from ..tilt import ExactGuidance, GuidanceEstimator, GuidedModel, TweedieGuidance
 from ..tilt.particles import ParticleResult, best_of_n, smc_sample
@@ -114,9 +119,14 @@ def run_smc_chunks(ctx: MethodContext, particles: int, drift: GuidanceEstimator 
     ParticleResult of each chunk (``drift``, ``twist`` as in :func:`smc_sample`)."""
     s = ctx.settings
     return [smc_sample(ctx.model, ctx.family.schedule, ctx.reward, ctx.beta, n=count, particles=particles,
-                       shape=(ctx.case.dim,), drift=drift, twist=twist, sampler=SMC_SAMPLER, steps=s.steps,
+                       shape=(ctx.case.dim,), drift=drift, twist=twist, sampler=SMC_SAMPLER, steps=smc_steps(ctx),
                        spacing=ctx.family.spacing, seed=s.seed + 7919 * start, dtype=torch.float64)
             for start, count in _chunks(s.n, particles)]
+
+
+def smc_steps(ctx: MethodContext) -> int:
+    """SMC's ``ddpm`` steps: the model evaluations of one trajectory of the bench's sampler."""
+    return evals_per_sample(ctx.settings.sampler, ctx.settings.steps)
 
 
 def _parse(match: re.Match[str]) -> tuple[int, str | None]:
@@ -135,7 +145,7 @@ def _smc_factory(match: re.Match[str]) -> MethodRunner:
         estimator = None if drift is None else drift_estimator(drift, ctx)
         outs = run_smc_chunks(ctx, particles, estimator)
         return MethodOutput(torch.cat([o.samples for o in outs]), {
-            "sampler": SMC_SAMPLER, "particles": particles,
+            "sampler": SMC_SAMPLER, "smc_steps": smc_steps(ctx), "particles": particles,
             "resamples_per_sample": sum(o.resamples for o in outs) / ctx.settings.n})
 
     return run
