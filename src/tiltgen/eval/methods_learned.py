@@ -77,7 +77,8 @@ def _twisted_smc_factory(match: re.Match[str]) -> MethodRunner:
         outs = run_smc_chunks(ctx, particles, result.guidance, result.guidance.log_twist)
         per_step = torch.tensor([o.ess for o in outs], dtype=torch.float64).mean(0)
         return MethodOutput(torch.cat([o.samples for o in outs]), setup_s=setup, extra={
-            "sampler": SMC_SAMPLER, "smc_steps": smc_steps(ctx), "particles": particles, "ess_per_step": [round(float(v), 4) for v in per_step],
+            "sampler": SMC_SAMPLER, "smc_steps": smc_steps(ctx), "particles": particles,
+            "ess_per_step": [round(float(v), 4) for v in per_step],
             "ess_min": float(per_step.min()), "log_z": float(torch.cat([o.log_z for o in outs]).mean()),
             "log_z_exact": float(ctx.tilted.log_z), **record})
 
