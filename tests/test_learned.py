@@ -342,3 +342,30 @@ def test_conditions_are_normalised_and_embedded_per_prompt():
     assert float(right) > 1.5 and float(left) < -1.5  # exact: +-2.9
     with pytest.raises(TiltgenError, match="cond_encoder"):
         train_guidance(model, fam.schedule, reward, config, shape=(2,), conditions=[1.0], progress=False)
+
+
+def test_weights_ess_is_n_for_flat_rewards_and_one_for_a_dominant_sample():
+    from tiltgen.tilt.learned.data import weights_ess
+
+    prompt = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    reward = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 100.0], dtype=torch.float64)
+    ess = weights_ess(reward, prompt, beta=1.0)
+    torch.testing.assert_close(ess, torch.tensor([4.0, 1.0], dtype=torch.float64))
+    # two equal weights and two of weight e^-1: (2 + 2/e)^2 / (2 + 2/e^2)
+    e = torch.exp(torch.tensor(-1.0, dtype=torch.float64))
+    two = weights_ess(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64), torch.zeros(4, dtype=torch.long), 1.0)
+    torch.testing.assert_close(two, ((2 + 2 * e) ** 2 / (2 + 2 * e**2)).reshape(1))
+
+
+def test_training_records_the_weights_ess_and_warns_when_it_is_tiny(tmp_path):
+    model, fam = ring_model("flow")
+    result = train_guidance(model, fam.schedule, RING.reward, small_config(steps=2, n_data=200), shape=(2,),
+                            out_dir=tmp_path / "ok", progress=False)
+    ess = result.record["weights_ess"]
+    assert 10 < ess["min"] <= ess["median"] < 200 and ess["samples_per_condition"] == 200
+    assert "effective samples of the tilt weights | min" in (tmp_path / "ok" / "README.md").read_text()
+    steep = CASES["ring2d-farquad-b0.5"]
+    with pytest.warns(UserWarning, match="effective sample size of .* raise n_data"):
+        low = train_guidance(model, fam.schedule, steep.reward, small_config(steps=2, n_data=200, beta=steep.beta),
+                             shape=(2,), progress=False)
+    assert low.record["weights_ess"]["min"] < 10

@@ -209,3 +209,45 @@ def test_stages_split_over_processes_cover_every_stage_once(tmp_path, monkeypatc
                                                             "guidance-onestep-0", "guidance-onestep-1"}
     assert sorted(c[1] for r in (0, 1) for c in calls[r] if c[0] == "oracle") == ["diffusion", "flow", "onestep"]
     assert all(abs(len([c for c in calls[r] if c[0] == "sample"]) - len(samples) / 2) <= 1 for r in (0, 1))
+
+
+def test_rows_filter_runs_only_the_named_rows_and_their_models_unguided_row():
+    from tiltgen.eval.world_bench import finetune_plan, planned_models, row_names, sampling_plan
+
+    full = BenchSettings()
+    assert len(sampling_plan(full)) == 8 + 3 * 2 + 2 * 2 + 1 * 2 and len(finetune_plan(full)) == 4
+    settings = BenchSettings(particles=(4, 8), rows=("diffusion:learned", "diffusion:twisted-smc",
+                                                     "onestep:finetune-draft"))
+    assert sampling_plan(settings) == [("diffusion", "unguided", 1), ("diffusion", "learned", 1),
+                                       ("onestep", "unguided", 1), ("diffusion", "twisted-smc", 4),
+                                       ("diffusion", "twisted-smc", 8)]
+    assert finetune_plan(settings) == [("draft", "onestep")]
+    assert planned_models(settings) == ["diffusion", "onestep"]          # no flow oracle to compute
+    assert all(row in row_names() for row in settings.rows)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"rows": ("diffusion:learned", "flow:learned")}, "flow:learned"),
+                                             ({"particles": (1, 4)}, "particle counts"),
+                                             ({"particles": ()}, "particle counts"),
+                                             ({"seeds": 0}, "seeds")])
+def test_bad_bench_world_settings_are_refused_by_name(kwargs, message):
+    from tiltgen.errors import TiltgenError
+
+    with pytest.raises(TiltgenError, match=message):
+        BenchSettings(**kwargs)
+
+
+def test_bench_world_cli_flags_set_the_settings():
+    import argparse
+
+    from tiltgen.cli.main import _bench_world_overrides
+    from tiltgen.errors import TiltgenError
+
+    args = argparse.Namespace(particles="4,8", rows="diffusion:learned, diffusion:bestofn", seeds=1)
+    assert _bench_world_overrides(args) == {"particles": (4, 8), "rows": ("diffusion:learned", "diffusion:bestofn"),
+                                            "seeds": 1}
+    assert _bench_world_overrides(argparse.Namespace(particles=None, rows=None, seeds=None)) == {}
+    with pytest.raises(TiltgenError, match="--particles"):
+        _bench_world_overrides(argparse.Namespace(particles="4,x", rows=None, seeds=None))
+    with pytest.raises(TiltgenError, match="--rows"):
+        _bench_world_overrides(argparse.Namespace(particles=None, rows=" , ", seeds=None))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import __version__
 from ..errors import TiltgenError
@@ -56,12 +57,30 @@ def _bench_analytic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_world_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """BenchSettings fields set by --particles, --rows and --seeds."""
+    out: dict[str, Any] = {}
+    if args.particles is not None:
+        try:
+            out["particles"] = tuple(int(k) for k in args.particles.split(","))
+        except ValueError:
+            raise TiltgenError(f"--particles must be comma-separated integers, got {args.particles!r}") from None
+    if args.rows is not None:
+        out["rows"] = tuple(row.strip() for row in args.rows.split(",") if row.strip())
+        if not out["rows"]:
+            raise TiltgenError("--rows is empty; give model:method rows, e.g. diffusion:twisted-smc")
+    if args.seeds is not None:
+        out["seeds"] = args.seeds
+    return out
+
+
 def _bench_world(args: argparse.Namespace) -> int:
     import os
 
     from ..eval.world_bench import BenchSettings, markdown, plot, quick_settings, run_bench
 
     settings = quick_settings() if args.quick else BenchSettings()
+    settings = dataclasses.replace(settings, **_bench_world_overrides(args))
     work = Path(args.work or os.path.join(os.path.expanduser("~"), ".cache", "tiltgen", "bench-world"))
     for target in (args.json, args.plot, args.markdown):
         if target:
@@ -165,6 +184,10 @@ def _train_guidance(args: argparse.Namespace) -> int:
     print(f"trained {rec['steps']} steps: final loss {rec['final_loss']:.4f}; data {rec['data_size']} samples; "
           f"{rec['train_model_evals']} model evals, {rec['train_reward_evals']} reward evals, "
           f"{rec['train_wall_s']:.1f} s")
+    ess = rec.get("weights_ess")
+    if ess:
+        print(f"effective samples of the exp(r/beta) weights per condition: min {ess['min']:.1f}, "
+              f"median {ess['median']:.1f} (of {ess['samples_per_condition']})")
     if rec.get("held_out_loss") is not None:
         print(f"held-out loss {rec['held_out_loss']:.4f} at step {rec['best_step']} (the weights kept)")
     print(f"guidance written to {out} (guidance.json, guidance.safetensors, loss.png)")
@@ -410,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--markdown", help="write the table to this Markdown file")
     world.add_argument("--threads", type=int, default=None,
                        help="intra-op CPU threads per process (default: $OMP_NUM_THREADS, else cores / local processes)")
+    world.add_argument("--particles", default=None,
+                       help="particle counts of the best-of-N and SMC rows, comma-separated (default 2,4; quick 2)")
+    world.add_argument("--rows", default=None,
+                       help="run only these model:method rows, comma-separated (e.g. diffusion:learned,"
+                            "diffusion:bestofn,diffusion:twisted-smc; a model's unguided row always runs)")
+    world.add_argument("--seeds", type=int, default=None,
+                       help="training seeds of the learned and fine-tuning rows (default 3; quick 1; seed 0 is the "
+                            "shipped guidance network)")
     world.add_argument("--no-progress", action="store_true")
     world.set_defaults(func=_bench_world)
     sampling = benches.add_parser("sampling", help="throughput of tiltgen sample --prompts in 1 and N processes",

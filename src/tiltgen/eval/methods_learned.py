@@ -58,7 +58,8 @@ def _train(ctx: MethodContext, loss: str, eta: float) -> tuple[Any, float, dict[
     return result, setup, {
         "train_model_evals": model.sample_evals, "train_reward_evals": reward.evals,
         "train_wall_s": rec["train_wall_s"], "train_loss": rec["final_loss"], "train_steps": rec["steps"],
-        "train_data": rec["data_size"], "train_objective": loss, "train_eta": eta}
+        "train_data": rec["data_size"], "train_objective": loss, "train_eta": eta,
+        "train_weights_ess": rec["weights_ess"]["min"]}
 
 
 def run_learned(ctx: MethodContext, loss: str = DEFAULT_LOSS, eta: float = DEFAULT_ETA) -> MethodOutput:

@@ -37,6 +37,8 @@ STAGE_VERSION = 1
 #: sampling-time rows per model (best-of-N and SMC at each particle count are added)
 SAMPLING_ROWS = {"diffusion": ("unguided", "tweedie", "learned"), "onestep": ("unguided", "learned"),
                  "flow": ("unguided", "trainingfree", "tweedie")}
+#: plug-in SMC at each particle count
+SMC_MODELS = ("diffusion", "flow")
 #: twisted SMC (the shipped learned network as twist and drift) at each particle count
 TWISTED_SMC_MODELS = ("diffusion",)
 #: fine-tuning baselines: (method, base model)
@@ -62,9 +64,58 @@ class BenchSettings:
     draft_steps: int = 10                         # sampler steps of draft on the diffusion model
     images_for_total: int = 10_000                # sampling cost counted in a method's total
     bootstrap: int = 1000
+    rows: tuple[str, ...] = ()                    # "model:method" rows to run (empty: every row)
+
+    def __post_init__(self) -> None:
+        if not self.particles or min(self.particles) < 2:
+            raise TiltgenError(f"particle counts must be >= 2 (best-of-N and SMC rows), got {self.particles}")
+        if self.seeds < 1 or self.n < 1:
+            raise TiltgenError(f"seeds and n must be >= 1, got seeds={self.seeds}, n={self.n}")
+        known = row_names()
+        unknown = [row for row in self.rows if row not in known]
+        if unknown:
+            raise TiltgenError(f"unknown bench world row(s) {', '.join(map(repr, unknown))}; choose from: "
+                               f"{', '.join(known)}")
+
+    def wants(self, model: str, method: str) -> bool:
+        """Whether the row ``model:method`` runs (a model's unguided row runs whenever any of its
+        rows does: every gain is measured against it)."""
+        if not self.rows:
+            return True
+        if method == "unguided":
+            return any(row.split(":")[0] == model for row in self.rows)
+        return f"{model}:{method}" in self.rows
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def row_names() -> list[str]:
+    """Every row the bench knows, as ``model:method`` (best-of-N and SMC at each particle count)."""
+    names = [f"{name}:{m}" for name, methods in SAMPLING_ROWS.items() for m in methods]
+    names += [f"{name}:bestofn" for name in MODELS] + [f"{name}:smc" for name in SMC_MODELS]
+    names += [f"{name}:twisted-smc" for name in TWISTED_SMC_MODELS]
+    return names + [f"{name}:finetune-{method}" for method, name in FINETUNE_ROWS]
+
+
+def sampling_plan(settings: BenchSettings) -> list[tuple[str, str, int]]:
+    """The sampling-time rows to run, as (model, method, particles), in table order."""
+    plan = [(name, m, 1) for name, methods in SAMPLING_ROWS.items() for m in methods]
+    plan += [(name, "bestofn", k) for name in MODELS for k in settings.particles]
+    plan += [(name, "smc", k) for name in SMC_MODELS for k in settings.particles]
+    plan += [(name, "twisted-smc", k) for name in TWISTED_SMC_MODELS for k in settings.particles]
+    return [(name, m, k) for name, m, k in plan if settings.wants(name, m)]
+
+
+def finetune_plan(settings: BenchSettings) -> list[tuple[str, str]]:
+    """The fine-tuning rows to run, as (method, base model)."""
+    return [(m, name) for m, name in FINETUNE_ROWS if settings.wants(name, f"finetune-{m}")]
+
+
+def planned_models(settings: BenchSettings) -> list[str]:
+    """The models with at least one row to run (their oracles are needed)."""
+    used = {name for name, _, _ in sampling_plan(settings)} | {name for _, name in finetune_plan(settings)}
+    return [name for name in MODELS if name in used]
 
 
 def quick_settings() -> BenchSettings:
@@ -492,13 +543,10 @@ def run_bench(settings: BenchSettings, work: Path, progress: bool = True) -> dic
     start = time.perf_counter()
     cache = StageCache(work)
     judges = Judges()
-    oracles = {name: oracle_stage(cache, judges, name, settings, progress) for name in MODELS}
+    oracles = {name: oracle_stage(cache, judges, name, settings, progress) for name in planned_models(settings)}
     rows: list[dict[str, Any]] = []
     base_rows: dict[str, dict[str, Any]] = {}
-    plan = [(name, m, 1) for name, methods in SAMPLING_ROWS.items() for m in methods]
-    plan += [(name, "bestofn", k) for name in MODELS for k in settings.particles]
-    plan += [(name, "smc", k) for name in ("diffusion", "flow") for k in settings.particles]
-    plan += [(name, "twisted-smc", k) for name in TWISTED_SMC_MODELS for k in settings.particles]
+    plan = sampling_plan(settings)
     bar = tqdm(plan, desc="bench world: sampling rows", disable=not progress)
     guidance_cost = {}
     for name, method, k in bar:
@@ -521,7 +569,7 @@ def run_bench(settings: BenchSettings, work: Path, progress: bool = True) -> dic
         if method == "unguided":
             base_rows[name] = row
     bar.close()
-    for method, name in FINETUNE_ROWS:
+    for method, name in finetune_plan(settings):
         runs = [finetune_stage(cache, method, name, seed, settings, progress) for seed in range(settings.seeds)]
         for budget in sorted(runs[0]["budgets"], key=int):
             stages = [sampling_stage(cache, judges, name, run["budgets"][budget], "unguided", settings)
@@ -592,28 +640,24 @@ def fill_stages_in_parallel(settings: BenchSettings, work: Path, processes: Any,
         processes.wait()
 
     phase([lambda name=name: oracle_stage(cache, judges, name, settings, progress and processes.is_main)
-           for name in MODELS])
-    learned = [name for name, methods in SAMPLING_ROWS.items() if "learned" in methods]
+           for name in planned_models(settings)])
+    plan = sampling_plan(settings)
+    tuned = finetune_plan(settings)
+    learned = [name for name, method, _ in plan if method == "learned"]
     phase([lambda name=name, seed=seed: guidance_stage(cache, name, seed, False)
            for name in learned for seed in range(1, settings.seeds)]
           + [lambda m=m, name=name, seed=seed: finetune_stage(cache, m, name, seed, settings, False)
-             for m, name in FINETUNE_ROWS for seed in range(settings.seeds)])
+             for m, name in tuned for seed in range(settings.seeds)])
     jobs: list[Callable[[], Any]] = []
-    for name, methods in SAMPLING_ROWS.items():
-        for method in methods:
-            if method == "learned":
-                jobs += [lambda name=name, seed=seed: sampling_stage(
-                    cache, judges, name, MODELS[name], "learned", settings,
-                    guidance=guidance_stage(cache, name, seed, False)) for seed in range(settings.seeds)]
-            else:
-                jobs.append(lambda name=name, method=method: sampling_stage(cache, judges, name, MODELS[name], method,
-                                                                            settings))
-    for method, names in (("bestofn", tuple(MODELS)), ("smc", ("diffusion", "flow")),
-                          ("twisted-smc", TWISTED_SMC_MODELS)):
-        jobs += [lambda name=name, method=method, k=k: sampling_stage(cache, judges, name, MODELS[name], method,
-                                                                      settings, particles=k)
-                 for name in names for k in settings.particles]
-    for method, name in FINETUNE_ROWS:
+    for name, method, k in plan:
+        if method == "learned":
+            jobs += [lambda name=name, seed=seed: sampling_stage(
+                cache, judges, name, MODELS[name], "learned", settings,
+                guidance=guidance_stage(cache, name, seed, False)) for seed in range(settings.seeds)]
+        else:
+            jobs.append(lambda name=name, method=method, k=k: sampling_stage(cache, judges, name, MODELS[name], method,
+                                                                             settings, particles=k))
+    for method, name in tuned:
         for seed in range(settings.seeds):
             run = finetune_stage(cache, method, name, seed, settings, False)  # cached by the phase above
             jobs += [lambda name=name, folder=folder: sampling_stage(cache, judges, name, folder, "unguided", settings)

@@ -38,6 +38,18 @@ def tilt_weights(reward: Tensor, prompt: Tensor, beta: float) -> Tensor:
     return out
 
 
+def weights_ess(reward: Tensor, prompt: Tensor, beta: float) -> Tensor:
+    """Effective sample size (sum w)^2 / sum w^2 of the exp(r / beta) weights within each condition [K].
+
+    The network learns the tilt from about this many of a condition's samples: near 1, it has
+    seen one sample p* would keep, and no estimator trained on base samples can do better."""
+    out = []
+    for p in torch.unique(prompt):
+        w = torch.softmax(reward[prompt == p].to(torch.float64) / beta, 0)
+        out.append(1.0 / (w**2).sum())
+    return torch.stack(out)
+
+
 @dataclass
 class GuidanceData:
     """Samples of the pretrained model and their rewards (N = conditions x samples each)."""

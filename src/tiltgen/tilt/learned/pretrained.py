@@ -120,6 +120,12 @@ def save_pretrained(guidance: LearnedGuidance, folder: str | os.PathLike, record
     return folder
 
 
+def _ess_cell(ess: dict | None) -> str:
+    if not ess:
+        return "not recorded"
+    return f"min {ess['min']:.1f}, median {ess['median']:.1f} per condition (of {ess['samples_per_condition']})"
+
+
 def write_model_card(folder: Path, record: dict) -> Path:
     path = Path(folder) / CARD
     text = model_card(record, name=Path(folder).name)
@@ -155,6 +161,7 @@ def model_card(record: dict, name: str = "guidance") -> str:
              f"| training prompts | {len(prompts) or 'none (unconditional)'} |",
              f"| training data | {record.get('data_size', '?')} samples of the base model, "
              f"{record.get('train_reward_evals', '?')} reward evaluations |",
+             f"| effective samples of the tilt weights | {_ess_cell(record.get('weights_ess'))} |",
              f"| steps | {record.get('steps', '?')} (weights kept: step {record.get('best_step', '?')}) |",
              f"| held-out loss | {record.get('held_out_loss')} |",
              f"| calibrated scale | {calibration.get('scale', 1.0)} |",

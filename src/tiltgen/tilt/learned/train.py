@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,7 +37,7 @@ from ...core.reward import Reward, as_reward, reward_name
 from ...core.schedules import Schedule, schedule_from_config
 from ...errors import TiltgenError, check_beta, check_choice
 from .data import (GuidanceData, Pool, build_pool, check_data_size, data_units, generate_data, generate_unit,
-                   join_units, noised_states, split_rows, training_times)
+                   join_units, noised_states, split_rows, training_times, weights_ess)
 from .losses import LOSSES, consistency_loss, tilt_loss
 from .networks import build_network
 from .potential import CondEncoder, GuidancePotential, LearnedGuidance
@@ -44,6 +45,7 @@ from .pretrained import read_guidance_record, tiltgen_version, write_model_card
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SHARDS = "data-shards"  # finished batches of data generation, kept until data.safetensors is written
+LOW_ESS = 10.0  # below this many effective samples per condition the data, not the network, limits the estimate
 VAL_DRAWS = 8  # noised states per held-out sample (fixed, so the held-out loss is comparable across steps)
 # TrainConfig keys that decide the generated samples and rewards (data can be reused when they match)
 DATA_KEYS = ("n_data", "sampler", "data_steps", "spacing", "seed", "trajectory", "data_dtype")
@@ -553,6 +555,8 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
                                             processes, progress), 0.0
     else:
         data, data_wall = _generate(model, schedule, reward, config, shape, conditions, progress), 0.0
+    ess = weights_ess(data.reward, data.prompt, config.beta)
+    _warn_low_ess(ess, config, processes)
     train_rows, held_rows = split_rows(data.prompt, config.val_fraction, config.seed + 4)
     shared_pool = pool is None and processes.distributed and not processes.is_main and not config.fresh_noise
     if pool is None and not shared_pool:
@@ -580,6 +584,9 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
                    # which base model this network belongs to (checked when it is loaded for sampling)
                    "base_model": base_model,
                    "reward": reward_name(reward),
+                   # effective samples of the exp(r/beta) weights per condition (min, median over conditions)
+                   "weights_ess": {"min": float(ess.min()), "median": float(ess.median()),
+                                   "samples_per_condition": config.n_data},
                    # network evaluations per model call (2 for a model with classifier-free guidance)
                    "evals_per_model_call": int(model.evals_per_call()) if hasattr(model, "evals_per_call") else 1,
                    "conditions": cond_names,
@@ -611,6 +618,16 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     guidance = LearnedGuidance(potential, cond_encoder)
     guidance.record = record
     return TrainResult(guidance, record, run.losses)
+
+
+def _warn_low_ess(ess: Tensor, config: TrainConfig, processes: Processes) -> None:
+    if float(ess.min()) >= LOW_ESS or not processes.is_main:
+        return
+    low = int((ess < LOW_ESS).sum())
+    warnings.warn(f"the exp(r/beta) weights of the training data have an effective sample size of {float(ess.min()):.1f} "
+                  f"(of {config.n_data} samples) on {low} of {ess.numel()} condition(s): the network learns the tilt "
+                  f"there from a handful of samples and cannot reach regions the base samples never visit; raise "
+                  f"n_data (--n-data) or beta (beta={config.beta:g})", stacklevel=3)
 
 
 def _record(full_config: dict, run: _Run, data: GuidanceData, pool: Pool, data_wall: float) -> dict:
