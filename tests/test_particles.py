@@ -173,3 +173,17 @@ def test_twisted_smc_with_a_learned_twist_evens_the_weights():
     assert abs(float(twisted.log_z.mean()) - tilt.log_z) < abs(float(plugin.log_z.mean()) - tilt.log_z)
     exact = tilt.tilted.sample(3000, torch.Generator().manual_seed(1))
     assert energy_distance(twisted.samples, exact) < 0.05
+
+
+def test_exact_tilt_with_the_smc_sampler_is_the_smc_rows_floor():
+    """``exact-ddpm``: the exact tilt at SMC's sampler and steps; its error is the sampler's and
+    shrinks with the steps (what no number of particles can remove)."""
+    rows = {}
+    for steps in (3, 40):
+        records = run_analytic_bench(["ring2d-linear-b0.5"], ["vp"], ["exact-ddpm"], BenchSettings(n=600, steps=steps),
+                                     progress=False).records
+        rows[steps] = next(r for r in records if r["method"] == "exact-ddpm")
+    assert rows[3]["sampler"] == "ddpm" and rows[3]["smc_steps"] == 5 and rows[3]["model_evals"] == 5
+    assert rows[40]["smc_steps"] == 79
+    assert rows[40]["energy_distance"] < 0.5 * rows[3]["energy_distance"]
+    assert rows[40]["energy_distance"] < 3 * rows[40]["energy_floor"]

@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     analytic.add_argument("--no-progress", action="store_true", help="no progress bar")
     analytic.add_argument("--train-steps", type=int, help="learned guidance: training steps (default 1500, quick 1000)")
     analytic.add_argument("--train-data", type=int, help="learned guidance: base samples it is trained on "
-                                                          "(default 4000, quick 1000)")
+                                                          "(default and quick 65536)")
     analytic.add_argument("--train-pool", type=int, help="learned guidance: noised training states (default 1048576, "
                                                           "quick 262144)")
     analytic.set_defaults(func=_bench_analytic)

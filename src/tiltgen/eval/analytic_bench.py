@@ -40,14 +40,16 @@ class BenchSettings:
     timing_repeats: int = 2
     # learned guidance, trained inside the bench: optimiser steps, samples, noised pool size.
     # The pool holds about one state per state visited in training (steps x batch 1024):
-    # a pool visited many times over is memorised, noise draws and all (docs/learned-guidance.md)
+    # a pool visited many times over is memorised, noise draws and all (docs/learned-guidance.md).
+    # The base samples are many, so that the exp(r/beta) weights keep an effective sample size
+    # of hundreds where the tilt is strong: the data, not the network, limited those cases
     train_steps: int = 1500
-    train_data: int = 4000
+    train_data: int = 1 << 16
     train_pool: int = 1 << 20
 
     @classmethod
     def quick(cls) -> "BenchSettings":
-        return cls(n=1000, steps=25, train_steps=1000, train_data=1000, train_pool=1 << 18, timing_repeats=1)
+        return cls(n=1000, steps=25, train_steps=1000, train_data=1 << 16, train_pool=1 << 18, timing_repeats=1)
 
     def __post_init__(self) -> None:
         if self.n < 2:

@@ -3,6 +3,7 @@
 * ``trainingfree`` (default grid) and ``trainingfree-<variant>``: :class:`TrainingFreeGuidance`.
 * ``tweedie-damped`` (default grid): the damped plug-in baseline (:class:`TweedieGuidance` with
   ``damping``), also a drift for the particle methods.
+* ``exact-ddpm``: the exact tilt sampled with SMC's sampler and steps, the floor of the SMC rows.
 * ``bestofn-<N>[+<drift>]`` and ``smc-<N>[+<drift>]``: particle methods (not in the default
   grid: each output sample costs N trajectories). ``<drift>`` is any name of :data:`DRIFTS`
   (``exact``, ``tweedie``, ``trainingfree``, ``trainingfree-<variant>``, and whatever later
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..backends.gaussian_mixture import GaussianMixture
-from ..core.samplers import evals_per_sample
+from ..core.samplers import evals_per_sample, sample
 from ..errors import TiltgenError
 from ..tilt import ExactGuidance, GuidanceEstimator, GuidedModel, TweedieGuidance
 from ..tilt.particles import ParticleResult, best_of_n, smc_sample
@@ -135,6 +136,19 @@ def _parse(match: re.Match[str]) -> tuple[int, str | None]:
     if drift is not None and drift not in DRIFTS:
         raise TiltgenError(f"unknown drift {drift!r} in {match.group(0)!r}; choose one of: {', '.join(sorted(DRIFTS))}")
     return particles, drift
+
+
+@register_method("exact-ddpm")
+def _exact_smc_sampler(ctx: MethodContext) -> MethodOutput:
+    """The exact tilt sampled by SMC's sampler at SMC's steps: the closest any particle method
+    (whose target is the tilt of that sampler's own base distribution) can get at this cost."""
+    s = ctx.settings
+    guided = GuidedModel(ctx.model, ctx.family.schedule, ExactGuidance(ctx.oracle))
+    ctx.sampled.append(guided)
+    samples = sample(guided, ctx.family.schedule, shape=(ctx.case.dim,), seeds=list(range(s.seed, s.seed + s.n)),
+                     steps=smc_steps(ctx), sampler=SMC_SAMPLER, spacing=ctx.family.spacing, dtype=torch.float64,
+                     progress=False)
+    return MethodOutput(samples, {"sampler": SMC_SAMPLER, "smc_steps": smc_steps(ctx)}, retime=False)
 
 
 @register_method_pattern(r"smc-(\d+)(?:\+(.+))?", example="smc-<N>[+<drift>]")
