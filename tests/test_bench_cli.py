@@ -70,6 +70,12 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     (["--families", "edm"], "unknown family 'edm'"),
     (["--sampler", "rk4"], "unknown sampler 'rk4'"),
     (["--n", "1"], "n must be >= 2"),
+    (["--n", "0"], "n must be >= 2"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--train-data", "0"], "train_data must be >= 2"),
+    (["--train-pool", "0"], "train_pool must be >= 1"),
+    (["--train-steps", "0"], "train_steps must be >= 1"),
+    (["--timing-repeats", "0"], "timing_repeats must be >= 1"),
 ])
 def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
     code = main(["bench", "analytic", "--quick", "--no-progress", "--cases", "ring2d-linear-b2", "--n", "50",

@@ -28,12 +28,13 @@ def _bench_analytic(args: argparse.Namespace) -> int:
     from ..eval.analytic_bench import BenchSettings, format_markdown, format_table, run_analytic_bench
 
     base = BenchSettings.quick() if args.quick else BenchSettings()
-    settings = BenchSettings(n=args.n or base.n, steps=args.steps or base.steps, sampler=args.sampler or base.sampler,
-                             floor_pairs=args.floor_pairs, seed=args.seed,
-                             train_steps=args.train_steps or base.train_steps,
-                             train_data=args.train_data or base.train_data,
-                             train_pool=args.train_pool or base.train_pool,
-                             timing_repeats=args.timing_repeats or base.timing_repeats)
+    given = lambda value, default: default if value is None else value  # noqa: E731  (0 is an error, not "unset")
+    settings = BenchSettings(n=given(args.n, base.n), steps=given(args.steps, base.steps),
+                             sampler=args.sampler or base.sampler, floor_pairs=args.floor_pairs, seed=args.seed,
+                             train_steps=given(args.train_steps, base.train_steps),
+                             train_data=given(args.train_data, base.train_data),
+                             train_pool=given(args.train_pool, base.train_pool),
+                             timing_repeats=given(args.timing_repeats, base.timing_repeats))
     for path in (args.json, args.plot, args.markdown):  # fail before the work, not after it
         if path is not None and Path(path).is_dir():
             raise TiltgenError(f"output path {path} is a directory; give a file name")

@@ -58,6 +58,11 @@ class BenchSettings:
             raise TiltgenError(f"steps must be >= 1, got {self.steps}")
         if self.timing_repeats < 1:
             raise TiltgenError(f"timing_repeats must be >= 1, got {self.timing_repeats}")
+        for name in ("train_steps", "train_pool"):
+            if getattr(self, name) < 1:
+                raise TiltgenError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_data < 2:
+            raise TiltgenError(f"train_data must be >= 2 (the weights are normalised over it), got {self.train_data}")
 
 
 @dataclass
