@@ -369,3 +369,13 @@ def test_training_records_the_weights_ess_and_warns_when_it_is_tiny(tmp_path):
         low = train_guidance(model, fam.schedule, steep.reward, small_config(steps=2, n_data=200, beta=steep.beta),
                              shape=(2,), progress=False)
     assert low.record["weights_ess"]["min"] < 10
+
+
+def test_cli_shows_the_low_ess_warning_as_one_line(tmp_path, capsys):
+    code = main(["train-guidance", "--case", "ring2d-farquad-b0.5", "--family", "flow", "--out", str(tmp_path / "g"),
+                 "--steps", "2", "--n-data", "200", "--data-steps", "4", "--pool-size", "500", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "tiltgen: warning: the exp(r/beta) weights of the training data have an effective sample size" in captured.err
+    assert "UserWarning" not in captured.err and "main.py" not in captured.err
+    assert "effective samples of the exp(r/beta) weights per condition: min" in captured.out
