@@ -76,6 +76,7 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     (["--train-pool", "0"], "train_pool must be >= 1"),
     (["--train-steps", "0"], "train_steps must be >= 1"),
     (["--timing-repeats", "0"], "timing_repeats must be >= 1"),
+    (["--smc-steps", "0"], "smc_steps must be >= 1"),
 ])
 def test_cli_bad_input_is_a_clear_error(argv, message, capsys):
     code = main(["bench", "analytic", "--quick", "--no-progress", "--cases", "ring2d-linear-b2", "--n", "50",

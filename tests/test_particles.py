@@ -185,5 +185,9 @@ def test_exact_tilt_with_the_smc_sampler_is_the_smc_rows_floor():
         rows[steps] = next(r for r in records if r["method"] == "exact-ddpm")
     assert rows[3]["sampler"] == "ddpm" and rows[3]["smc_steps"] == 5 and rows[3]["model_evals"] == 5
     assert rows[40]["smc_steps"] == 79
+    named = run_analytic_bench(["ring2d-linear-b0.5"], ["vp"], ["exact-ddpm", "smc-2"],
+                               BenchSettings(n=50, steps=3, smc_steps=7), progress=False).records
+    assert [r["smc_steps"] for r in named if r["method"] != "unguided"] == [7, 7]
+    assert next(r for r in named if r["method"] == "smc-2")["model_evals"] == 2 * 7
     assert rows[40]["energy_distance"] < 0.5 * rows[3]["energy_distance"]
     assert rows[40]["energy_distance"] < 3 * rows[40]["energy_floor"]

@@ -35,7 +35,7 @@ def _bench_analytic(args: argparse.Namespace) -> int:
                              train_steps=given(args.train_steps, base.train_steps),
                              train_data=given(args.train_data, base.train_data),
                              train_pool=given(args.train_pool, base.train_pool),
-                             timing_repeats=given(args.timing_repeats, base.timing_repeats))
+                             timing_repeats=given(args.timing_repeats, base.timing_repeats), smc_steps=args.smc_steps)
     for path in (args.json, args.plot, args.markdown):  # fail before the work, not after it
         if path is not None and Path(path).is_dir():
             raise TiltgenError(f"output path {path} is a directory; give a file name")
@@ -411,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     analytic.add_argument("--seed", type=int, default=0)
     analytic.add_argument("--json", help="write the records to this JSON file")
     analytic.add_argument("--plot", help="draw the 2-D cases to this PNG")
+    analytic.add_argument("--smc-steps", type=int, default=None,
+                          help="ddpm steps of the SMC rows and exact-ddpm (default: the model evaluations of one "
+                               "trajectory of --sampler, so a particle costs one guided sample)")
     analytic.add_argument("--timing-repeats", type=int,
                           help="wall_s = fastest of this many interleaved timings of each method's sampling "
                                "(default 2, quick 1)")

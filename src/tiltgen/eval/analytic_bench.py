@@ -38,6 +38,9 @@ class BenchSettings:
     seed: int = 0
     # wall_s is the fastest of this many interleaved timings of each method's sampling
     timing_repeats: int = 2
+    # ddpm steps of the SMC rows; None: as many as the bench's sampler makes model evaluations
+    # (a particle's trajectory then costs one guided trajectory)
+    smc_steps: int | None = None
     # learned guidance, trained inside the bench: optimiser steps, samples, noised pool size.
     # The pool holds about one state per state visited in training (steps x batch 1024):
     # a pool visited many times over is memorised, noise draws and all (docs/learned-guidance.md).
@@ -58,6 +61,8 @@ class BenchSettings:
             raise TiltgenError(f"steps must be >= 1, got {self.steps}")
         if self.timing_repeats < 1:
             raise TiltgenError(f"timing_repeats must be >= 1, got {self.timing_repeats}")
+        if self.smc_steps is not None and self.smc_steps < 1:
+            raise TiltgenError(f"smc_steps must be >= 1, got {self.smc_steps}")
         for name in ("train_steps", "train_pool"):
             if getattr(self, name) < 1:
                 raise TiltgenError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -16,8 +16,8 @@ n, charge each output sample with its whole population. SMC uses the ``ddpm`` sa
 steps as the benchmark's sampler makes model evaluations (Heun's 25 steps are 49 calls, so
 49 ``ddpm`` steps): a particle's trajectory costs what one guided trajectory costs. With
 the bench's step count instead, the first-order ``ddpm`` sampler's own error dominated, and
-more particles converged to the tilt of that less accurate distribution. The record's
-``sampler`` and ``smc_steps`` fields say what ran.
+more particles converged to the tilt of that less accurate distribution. ``BenchSettings.smc_steps``
+(``--smc-steps``) sets another count. The record's ``sampler`` and ``smc_steps`` fields say what ran.
 """
 
 from __future__ import annotations
@@ -126,7 +126,10 @@ def run_smc_chunks(ctx: MethodContext, particles: int, drift: GuidanceEstimator 
 
 
 def smc_steps(ctx: MethodContext) -> int:
-    """SMC's ``ddpm`` steps: the model evaluations of one trajectory of the bench's sampler."""
+    """SMC's ``ddpm`` steps: the model evaluations of one trajectory of the bench's sampler,
+    unless the settings name them (``smc_steps``)."""
+    if ctx.settings.smc_steps is not None:
+        return ctx.settings.smc_steps
     return evals_per_sample(ctx.settings.sampler, ctx.settings.steps)
 
 
