@@ -68,7 +68,7 @@ def _bench_world_overrides(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError:
             raise TiltgenError(f"--particles must be comma-separated integers, got {args.particles!r}") from None
     if args.rows is not None:
-        out["rows"] = tuple(row.strip() for row in args.rows.split(",") if row.strip())
+        out["rows"] = tuple(_csv(args.rows))
         if not out["rows"]:
             raise TiltgenError("--rows is empty; give model:method rows, e.g. diffusion:twisted-smc")
     if args.seeds is not None:

@@ -81,22 +81,24 @@ class MethodContext:
     model: CountingModel
     reward: CountingReward
     settings: BenchSettings
-    sampled: list[Model] = field(default_factory=list)  # what run_sampler ran, for re-timing
+    sampled: list[tuple[Model, dict[str, Any]]] = field(default_factory=list)  # run_sampler's calls, for re-timing
 
     @property
     def beta(self) -> float:
         return self.case.beta
 
-    def run_sampler(self, model: Model, seeds: Sequence[int] | None = None) -> Tensor:
-        """The benchmark's sampler on ``model`` from the shared per-sample seeds."""
-        self.sampled.append(model)
-        return self._sample(model, seeds)
+    def run_sampler(self, model: Model, seeds: Sequence[int] | None = None, *, sampler: str | None = None,
+                    steps: int | None = None) -> Tensor:
+        """The benchmark's sampler (or ``sampler`` at ``steps``) on ``model`` from the shared per-sample seeds."""
+        self.sampled.append((model, {"sampler": sampler, "steps": steps}))
+        return self._sample(model, seeds, sampler=sampler, steps=steps)
 
-    def _sample(self, model: Model, seeds: Sequence[int] | None = None) -> Tensor:
+    def _sample(self, model: Model, seeds: Sequence[int] | None = None, *, sampler: str | None = None,
+                steps: int | None = None) -> Tensor:
         s = self.settings
         seeds = list(range(s.seed, s.seed + s.n)) if seeds is None else seeds
-        return sample(model, self.family.schedule, shape=(self.case.dim,), seeds=seeds, steps=s.steps,
-                      sampler=s.sampler, spacing=self.family.spacing, dtype=torch.float64, progress=False)
+        return sample(model, self.family.schedule, shape=(self.case.dim,), seeds=seeds, steps=steps or s.steps,
+                      sampler=sampler or s.sampler, spacing=self.family.spacing, dtype=torch.float64, progress=False)
 
 
 @dataclass
@@ -196,7 +198,8 @@ def _retime(runs: list[tuple[dict[str, Any], MethodContext]], repeats: int) -> N
         for record, ctx in runs:
             if record["timing_repeats"] > 1:
                 start = time.perf_counter()
-                ctx._sample(ctx.sampled[0])
+                model, overrides = ctx.sampled[0]
+                ctx._sample(model, **overrides)
                 record["wall_s"] = min(record["wall_s"], time.perf_counter() - start)
     base = next(r for r, _ in runs if r["method"] == "unguided")["wall_s"]
     for record, _ in runs:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..backends.gaussian_mixture import GaussianMixture
-from ..core.samplers import evals_per_sample, sample
+from ..core.samplers import evals_per_sample
 from ..errors import TiltgenError
 from ..tilt import ExactGuidance, GuidanceEstimator, GuidedModel, TweedieGuidance
 from ..tilt.particles import ParticleResult, best_of_n, smc_sample
@@ -145,12 +145,8 @@ def _parse(match: re.Match[str]) -> tuple[int, str | None]:
 def _exact_smc_sampler(ctx: MethodContext) -> MethodOutput:
     """The exact tilt sampled by SMC's sampler at SMC's steps: the closest any particle method
     (whose target is the tilt of that sampler's own base distribution) can get at this cost."""
-    s = ctx.settings
     guided = GuidedModel(ctx.model, ctx.family.schedule, ExactGuidance(ctx.oracle))
-    ctx.sampled.append(guided)
-    samples = sample(guided, ctx.family.schedule, shape=(ctx.case.dim,), seeds=list(range(s.seed, s.seed + s.n)),
-                     steps=smc_steps(ctx), sampler=SMC_SAMPLER, spacing=ctx.family.spacing, dtype=torch.float64,
-                     progress=False)
+    samples = ctx.run_sampler(guided, sampler=SMC_SAMPLER, steps=smc_steps(ctx))
     return MethodOutput(samples, {"sampler": SMC_SAMPLER, "smc_steps": smc_steps(ctx)}, retime=False)
 
 

@@ -90,21 +90,24 @@ class BenchSettings:
         return asdict(self)
 
 
+def _sampling_rows(particles: Sequence[int]) -> list[tuple[str, str, int]]:
+    """Every sampling-time row, as (model, method, particles), in table order (best-of-N and
+    SMC at each of ``particles``)."""
+    rows = [(name, m, 1) for name, methods in SAMPLING_ROWS.items() for m in methods]
+    rows += [(name, "bestofn", k) for name in MODELS for k in particles]
+    rows += [(name, "smc", k) for name in SMC_MODELS for k in particles]
+    return rows + [(name, "twisted-smc", k) for name in TWISTED_SMC_MODELS for k in particles]
+
+
 def row_names() -> list[str]:
-    """Every row the bench knows, as ``model:method`` (best-of-N and SMC at each particle count)."""
-    names = [f"{name}:{m}" for name, methods in SAMPLING_ROWS.items() for m in methods]
-    names += [f"{name}:bestofn" for name in MODELS] + [f"{name}:smc" for name in SMC_MODELS]
-    names += [f"{name}:twisted-smc" for name in TWISTED_SMC_MODELS]
+    """Every row the bench knows, as ``model:method`` (one name for all particle counts)."""
+    names = [f"{name}:{m}" for name, m, _ in _sampling_rows((2,))]
     return names + [f"{name}:finetune-{method}" for method, name in FINETUNE_ROWS]
 
 
 def sampling_plan(settings: BenchSettings) -> list[tuple[str, str, int]]:
     """The sampling-time rows to run, as (model, method, particles), in table order."""
-    plan = [(name, m, 1) for name, methods in SAMPLING_ROWS.items() for m in methods]
-    plan += [(name, "bestofn", k) for name in MODELS for k in settings.particles]
-    plan += [(name, "smc", k) for name in SMC_MODELS for k in settings.particles]
-    plan += [(name, "twisted-smc", k) for name in TWISTED_SMC_MODELS for k in settings.particles]
-    return [(name, m, k) for name, m, k in plan if settings.wants(name, m)]
+    return [(name, m, k) for name, m, k in _sampling_rows(settings.particles) if settings.wants(name, m)]
 
 
 def finetune_plan(settings: BenchSettings) -> list[tuple[str, str]]:

@@ -35,7 +35,7 @@ from ...core.reward import Reward
 from ...core.schedules import Schedule
 from ...errors import TiltgenError, check_beta
 from ..base import GuidedModel
-from .data import generate_data
+from .data import generate_data, weights_ess
 from .potential import LearnedGuidance
 
 
@@ -62,14 +62,13 @@ def tilted_means(reward: Tensor, prompt: Tensor, beta: float) -> tuple[Tensor, T
     """Per condition: base mean reward [K], self-normalised estimate of the tilted mean E*[r] [K]
     and the effective sample size of its weights [K] (``reward`` [N], ``prompt`` [N] indices)."""
     check_beta(beta)
-    base, tilted, ess = [], [], []
+    base, tilted = [], []
     for p in torch.unique(prompt):
         r = reward[prompt == p].to(torch.float64)
         w = torch.softmax(r / beta, 0)
         base.append(r.mean())
         tilted.append((w * r).sum())
-        ess.append(1.0 / (w**2).sum())
-    return torch.stack(base), torch.stack(tilted), torch.stack(ess)
+    return torch.stack(base), torch.stack(tilted), weights_ess(reward, prompt, beta)
 
 
 def choose_scale(scales: Sequence[float], rewards: Sequence[float], base: float, target: float) -> float:
