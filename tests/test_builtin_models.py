@@ -100,6 +100,26 @@ def test_model_folder_recommends_its_training_free_variant(backends):
     assert build_estimator(diffusion, "trainingfree", reward, 0.05)[0].variant == "bounded"  # no recommendation
 
 
+def test_model_folder_gives_per_channel_data_variance(backends):
+    """The built-in latents' channels differ in variance (about 0.54 to 1.6): the folder records one
+    per channel, training-free guidance uses it as a [C, 1, 1] prior, and --data-var overrides it."""
+    import torch
+
+    from tiltgen.errors import TiltgenError
+    from tiltgen.eval.estimators import build_estimator
+    from tiltgen.rewards import reward_from_spec
+
+    reward = reward_from_spec("world-proxy")
+    flow = backends["world-flow"].at()
+    recorded = flow.info["data_var"]
+    assert len(recorded) == flow.latent_shape[0] and max(recorded) / min(recorded) > 2
+    estimator = build_estimator(flow, "trainingfree", reward, 0.05)[0]
+    torch.testing.assert_close(estimator.data_var.flatten(), torch.tensor(recorded, dtype=torch.float64))
+    assert build_estimator(flow, "trainingfree", reward, 0.05, data_var=1.0)[0].data_var == 1.0
+    with pytest.raises(TiltgenError, match="3 per-channel variances.*4 channels"):
+        build_estimator(flow, "trainingfree", reward, 0.05, data_var=[1.0, 1.0, 1.0])
+
+
 def test_damped_tweedie_samples_a_latent_pipeline_and_bad_variants_are_named(backends):
     import torch
 

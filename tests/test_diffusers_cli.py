@@ -94,3 +94,17 @@ def test_train_guidance_errors_are_clean(tmp_path, sd_dir, capsys):
     assert main(["train-guidance", "--model", str(sd_dir), "--reward", "no-such-reward", "--beta", "0.1",
                  "--prompt", "x", "--out", str(tmp_path / "g")]) == 2
     assert "unknown reward 'no-such-reward'" in capsys.readouterr().err
+
+
+def test_sample_per_channel_data_var(sd_dir, tmp_path, capsys):
+    common = ["sample", "--model", str(sd_dir), "--prompt", "a cat", "--n", "1", "--reward", "brightness",
+              "--method", "trainingfree", "--beta", "0.05", "--steps", "2", "--cfg", "1", "--height", "16",
+              "--width", "16", "--no-progress"]
+    assert main(common + ["--data-var", "0.5,1,1.5,2", "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "sample.json").read_text())["data_var"] == [0.5, 1.0, 1.5, 2.0]
+    assert main(common + ["--data-var", "1,2", "--out", str(tmp_path / "b")]) == 2
+    assert "2 per-channel variances but the model's latents have 4 channels" in capsys.readouterr().err
+    for bad in ("x", "1,-1"):
+        with pytest.raises(SystemExit):
+            main(common + ["--data-var", bad, "--out", str(tmp_path / "c")])
+        assert "--data-var" in capsys.readouterr().err

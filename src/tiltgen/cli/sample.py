@@ -19,6 +19,17 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bf16": "bfloat16"}
 
 
+def data_variance(text: str) -> float | list[float]:
+    """``--data-var``: one number, or comma-separated variances, one per latent channel."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    if any(not (v > 0 and v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"variances must be finite and > 0, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
 def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "sample", help="sample a text-to-image model with reward guidance",
@@ -49,8 +60,9 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
                                       "hub id (org/name) in the local Hugging Face cache")
     p.add_argument("--force-guidance", action="store_true",
                    help="use a guidance network trained for another base model (refused otherwise; a warning)")
-    p.add_argument("--data-var", type=float, default=None,
-                   help="--method trainingfree: per-dimension data variance (default: the model's tiltgen.json, else 1)")
+    p.add_argument("--data-var", type=data_variance, default=None,
+                   help="--method trainingfree: the latents' data variance, one number or one per latent channel "
+                        "(comma-separated; default: the model's tiltgen.json, else 1)")
     p.add_argument("--variant", default=None,
                    help="--method trainingfree: bounded, linear, newton or snis (default: the model's tiltgen.json "
                         "'trainingfree_variant', else bounded); --method tweedie: plain (default) or damped "

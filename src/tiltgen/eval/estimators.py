@@ -3,7 +3,10 @@ and ``tiltgen demo`` (diffusers pipelines and built-in models alike)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
 
 from ..errors import TiltgenError
 
@@ -12,7 +15,8 @@ DEFAULT_BETA = 0.1
 
 
 def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *, guidance: str | None = None,
-                    scale: float | None = None, t_window: tuple[float, float] | None = None, data_var: float | None = None,
+                    scale: float | None = None, t_window: tuple[float, float] | None = None,
+                    data_var: float | Sequence[float] | None = None,
                     variant: str | None = None, seed: int = 0, force_guidance: bool = False,
                     cache_dir: str | None = None) -> tuple[Any, float | None]:
     """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a diffusers
@@ -20,7 +24,8 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     network trained for another base model and tilts at the network's own beta: a different
     ``beta`` raises. ``tweedie`` and ``trainingfree`` need ``reward`` and default to beta = 0.1;
     ``data_var`` and ``variant`` default to the model's ``tiltgen.json`` values, else 1 and
-    ``bounded`` (:func:`default_variant`); ``tweedie``'s variants are ``plain`` (default) and ``damped``
+    ``bounded`` (:func:`default_variant`); ``data_var`` is one number or one per latent channel
+    (:func:`latent_data_var`); ``tweedie``'s variants are ``plain`` (default) and ``damped``
     (the damped plug-in, tilt/tweedie.py). ``scale`` multiplies the guidance term: default 1, and for
     ``learned`` the network's calibrated scale when it has one (``tiltgen calibrate-guidance``).
     ``guidance`` may also be a hub id in the local cache (``cache_dir``); ``force_guidance`` loads a
@@ -45,11 +50,25 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     from ..tilt.training_free import TrainingFreeGuidance
 
     if data_var is None:
-        data_var = float(getattr(model, "info", {}).get("data_var", 1.0))
+        data_var = getattr(model, "info", {}).get("data_var", 1.0)
     variant = variant or default_variant(model)
-    return TrainingFreeGuidance(latent_reward, beta, model.schedule, data_var=data_var, variant=variant,
+    return TrainingFreeGuidance(latent_reward, beta, model.schedule, data_var=latent_data_var(data_var, model),
+                                variant=variant,
                                 scale=1.0 if scale is None else scale,
                                 t_window=t_window, seed=seed), beta
+
+
+def latent_data_var(data_var: float | Sequence[float], model: Any) -> float | Tensor:
+    """The training-free proxy's data variance for latents [N, C, h, w]: a number, or one variance
+    per latent channel (a [C, 1, 1] tensor; C must be the model's latent channels)."""
+    if isinstance(data_var, (int, float)):
+        return float(data_var)
+    values = [float(v) for v in data_var]
+    channels = getattr(model, "latent_shape", (len(values),))[0]
+    if len(values) != channels:
+        raise TiltgenError(f"data_var gives {len(values)} per-channel variances but the model's latents have "
+                           f"{channels} channels")
+    return torch.tensor(values, dtype=torch.float64).reshape(-1, 1, 1)
 
 
 def default_variant(model: Any) -> str:

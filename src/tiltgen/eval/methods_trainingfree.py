@@ -62,17 +62,17 @@ def drift_estimator(name: str, ctx: MethodContext) -> GuidanceEstimator:
     return DRIFTS[name](ctx)
 
 
-def data_variance(mixture: GaussianMixture) -> float:
-    """Per-dimension data variance (mean of the covariance diagonal): what a user would
-    estimate from unguided samples, or know (1 for normalised latents)."""
+def data_covariance(mixture: GaussianMixture) -> Tensor:
+    """The data's covariance [D, D] (between-mode spread included): what a user would estimate
+    from unguided samples of a low-dimensional model. Training-free guidance's proxy prior."""
     mean = mixture.weights @ mixture.means
     second = torch.einsum("k,kij->ij", mixture.weights,
                           mixture.covs + torch.einsum("ki,kj->kij", mixture.means, mixture.means))
-    return float(torch.diagonal(second - torch.outer(mean, mean)).mean())
+    return second - torch.outer(mean, mean)
 
 
 def _training_free(ctx: MethodContext, variant: str) -> TrainingFreeGuidance:
-    return TrainingFreeGuidance(ctx.reward, ctx.beta, ctx.family.schedule, data_var=data_variance(ctx.case.base),
+    return TrainingFreeGuidance(ctx.reward, ctx.beta, ctx.family.schedule, data_cov=data_covariance(ctx.case.base),
                                 variant=variant)
 
 

@@ -10,6 +10,10 @@ model's own x0_hat:
 
     q_t(x0 | x_t) = N(x0_hat, nu_t I),   nu_t = s^2 sigma_t^2 / (alpha_t^2 s^2 + sigma_t^2).
 
+With a per-element variance or a full data covariance S the proxy is N(x0_hat, C_t),
+C_t = sigma_t^2 S (alpha_t^2 S + sigma_t^2 I)^-1, and every formula below holds with nu_t
+replaced by C_t (the bounded and SNIS variants in S's whitened coordinates).
+
 nu_t needs no model evaluation: it is s^2 at pure noise (alpha = 0, where the posterior is
 the prior) and ~ sigma_t^2 / alpha_t^2 -> 0 at data. Tilting q_t gives the variants:
 
@@ -37,6 +41,7 @@ x0 form is returned, so nothing divides by alpha = 0). See docs/training-free-gu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,44 +57,78 @@ from .decomposition import Tilt
 VARIANTS = ("linear", "bounded", "newton", "snis")
 
 
-def posterior_variance(schedule: Schedule, t: Tensor, x: Tensor, data_var: float) -> Tensor:
+def posterior_variance(schedule: Schedule, t: Tensor, x: Tensor, data_var: float | Tensor) -> Tensor:
     """nu_t = s^2 sigma^2 / (alpha^2 s^2 + sigma^2), shaped to broadcast against ``x``
-    ([N, 1, ...], or [1, 1, ...] when every sample shares t: the cached sampler case)."""
+    ([N, 1, ...], or [1, 1, ...] when every sample shares t: the cached sampler case; a
+    per-element ``data_var`` tensor broadcasts in)."""
     c = coefficients(schedule, t, x)
     sigma2 = c.sigma**2
     return data_var * sigma2 / (c.alpha**2 * data_var + sigma2)
 
 
-def _newton_shift(reward: Reward, x0: Tensor, cond: Any, nu: Tensor, beta: float, steps: int) -> Tensor:
-    """CG on (I + M) s = b, b = nu grad r(x0) / beta, M v = nu/beta (grad r(x0) - grad r(x0 + v)).
+@dataclass(frozen=True)
+class ProxyPosterior:
+    """The proxy posterior's covariance C_t at one step.
 
-    M v is exact for a quadratic reward (M = nu A / beta) and a secant otherwise.
+    Diagonal when ``basis`` is None (``nu`` broadcasts against a batch [N, ...]); otherwise
+    C_t = basis diag(nu) basis^T with ``basis`` [D, D] the data covariance's eigenvectors and
+    ``nu`` [N or 1, D] its posterior eigenvalues, D the elements of one sample.
+    """
+
+    nu: Tensor
+    basis: Tensor | None = None
+
+    def apply(self, v: Tensor, power: float = 1.0) -> Tensor:
+        """C_t^power v  [N, ...] (power 1 or 1/2)."""
+        nu = self.nu if power == 1.0 else self.nu**power
+        if self.basis is None:
+            return nu * v
+        return (((v.flatten(1) @ self.basis) * nu) @ self.basis.T).reshape(v.shape)
+
+    def sqrt_draws(self, z: Tensor) -> Tensor:
+        """C_t^(1/2) z_k for draws ``z`` [K, ...] of one sample's shape: [K, N or 1, ...]."""
+        root = self.nu.sqrt()
+        if self.basis is None:
+            return root[None] * z[:, None]
+        k = z.shape[0]
+        rotated = (z.reshape(k, 1, -1) @ self.basis) * root[None]
+        return (rotated @ self.basis.T).reshape((k, -1) + tuple(z.shape[1:]))
+
+
+def _newton_shift(reward: Reward, x0: Tensor, cond: Any, post: ProxyPosterior, beta: float, steps: int) -> Tensor:
+    """The tilted mean of N(x0, C) under the reward's quadratic model, by CG in whitened
+    coordinates: (I + M) y = C^(1/2) grad r(x0) / beta, shift = C^(1/2) y, with
+    M y = C^(1/2) (grad r(x0) - grad r(x0 + C^(1/2) y)) / beta.
+
+    M is exact for a quadratic reward (M = C^(1/2) A C^(1/2) / beta, symmetric, so CG applies)
+    and a secant otherwise.
     """
     g0 = reward_gradient(reward, x0, cond)
-    b = nu * g0 / beta
-    s, res, p = torch.zeros_like(b), b.clone(), b.clone()
+    b = post.apply(g0, 0.5) / beta
+    y, res, p = torch.zeros_like(b), b.clone(), b.clone()
     rr = per_sample_dot(res, res)
     for _ in range(steps):
-        mp = nu / beta * (g0 - reward_gradient(reward, x0 + p, cond))
+        mp = post.apply(g0 - reward_gradient(reward, x0 + post.apply(p, 0.5), cond), 0.5) / beta
         ap = p + mp
         denom = per_sample_dot(p, ap)
         # (I + M) is positive definite for concave rewards; stop a direction where it is not.
         step = torch.where(denom > 1e-30, rr / denom.clamp_min(1e-30), torch.zeros_like(denom))
-        s = s + step * p
+        y = y + step * p
         res = res - step * ap
         rr_new = per_sample_dot(res, res)
         p = res + torch.where(rr > 1e-30, rr_new / rr.clamp_min(1e-30), torch.zeros_like(rr)) * p
         rr = rr_new
-    return s
+    return post.apply(y, 0.5)
 
 
-def _bounded_shift(grad: Tensor, nu: Tensor, beta: float) -> Tensor:
-    """sqrt(nu) tanh(sqrt(nu) |grad| / beta) grad / |grad|  [N, ...]: the tilt of the two-point
-    proxy x0_hat +- sqrt(nu) u (u = grad / |grad|) under the linearised reward."""
-    a = torch.linalg.vector_norm(grad.flatten(1), dim=1).reshape((-1,) + (1,) * (grad.ndim - 1))
-    a = a * (nu.sqrt() / beta)
+def _bounded_shift(grad: Tensor, post: ProxyPosterior, beta: float) -> Tensor:
+    """tanh(q / beta) C grad / q, q = sqrt(grad^T C grad)  [N, ...]: the tilt of the two-point
+    proxy x0_hat +- C^(1/2) u (u the unit whitened gradient C^(1/2) grad / q) under the
+    linearised reward. For C = nu I it is sqrt(nu) tanh(sqrt(nu) |grad| / beta) grad / |grad|."""
+    c_grad = post.apply(grad)
+    a = per_sample_dot(grad, c_grad).clamp_min(0).sqrt() / beta
     # tanh(a) / a -> 1 as a -> 0 (the linear shift); the clamp only guards a zero gradient
-    return grad * (torch.tanh(a) / a.clamp_min(1e-30) * (nu / beta))
+    return c_grad * (torch.tanh(a) / a.clamp_min(1e-30) / beta)
 
 
 def _draws(k: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
@@ -105,10 +144,10 @@ def _draws(k: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     return torch.cat([half, -half]).to(dtype=dtype, device=device)
 
 
-def _snis_shift(reward: Reward, x0: Tensor, cond: Any, nu: Tensor, beta: float, z: Tensor) -> Tensor:
-    """sum_k w_k sqrt(nu) z_k, w = softmax_k(r(x0 + sqrt(nu) z_k) / beta)  [N, ...]."""
+def _snis_shift(reward: Reward, x0: Tensor, cond: Any, post: ProxyPosterior, beta: float, z: Tensor) -> Tensor:
+    """sum_k w_k C^(1/2) z_k, w = softmax_k(r(x0 + C^(1/2) z_k) / beta)  [N, ...]."""
     k, n = z.shape[0], x0.shape[0]
-    delta = nu.sqrt()[None] * z[:, None]  # [k, N, ...]
+    delta = post.sqrt_draws(z)  # [k, N or 1, ...]
     points = (x0[None] + delta).reshape((k * n,) + x0.shape[1:])
     cond_k = cond if cond is None else _repeat_cond(cond, k)
     log_w = evaluate_reward(reward, points, cond_k).reshape(k, n) / beta
@@ -126,21 +165,24 @@ def _repeat_cond(cond: Any, k: int) -> Any:
 
 
 class TrainingFreeGuidance:
-    """Training-free guidance: the tilt of the proxy posterior N(x0_hat, nu_t I) (module docstring).
+    """Training-free guidance: the tilt of the proxy posterior N(x0_hat, C_t) (module docstring).
 
-    ``data_var`` is the data's per-dimension variance s^2 (1 for latents normalised by their
-    scaling factor; else estimate it from a few unguided samples). ``variant`` is one of
-    ``bounded`` (default: chosen by the analytic benchmark), ``linear``, ``newton``
-    (``cg_steps`` extra reward gradients per call), ``snis`` (``draws`` reward values per
-    sample per call, no gradient). ``scale`` multiplies the
-    shift; ``t_window`` restricts guidance to t in [lo, hi].
+    The proxy prior is N(m, S): ``data_var`` gives S = s^2 I (a float: 1 for latents
+    normalised by their scaling factor, else estimate it from a few unguided samples) or a
+    per-element variance (a tensor that broadcasts to one sample's shape, e.g. [C, 1, 1] per
+    latent channel); ``data_cov`` gives a full covariance [D, D] over one flattened sample
+    (D elements; for low-dimensional data, estimated from unguided samples). Then
+    C_t = sigma^2 S (alpha^2 S + sigma^2 I)^-1. ``variant`` is one of ``bounded`` (default:
+    chosen by the analytic benchmark), ``linear``, ``newton`` (``cg_steps`` extra reward
+    gradients per call), ``snis`` (``draws`` reward values per sample per call, no gradient).
+    ``scale`` multiplies the shift; ``t_window`` restricts guidance to t in [lo, hi].
     """
 
     needs_model_grad = False
 
-    def __init__(self, reward: Reward, beta: float, schedule: Schedule, *, data_var: float = 1.0,
-                 variant: str = "bounded", scale: float = 1.0, t_window: tuple[float, float] | None = None,
-                 cg_steps: int = 2, draws: int = 16, seed: int = 0):
+    def __init__(self, reward: Reward, beta: float, schedule: Schedule, *, data_var: float | Tensor | None = None,
+                 data_cov: Tensor | None = None, variant: str = "bounded", scale: float = 1.0,
+                 t_window: tuple[float, float] | None = None, cg_steps: int = 2, draws: int = 16, seed: int = 0):
         self.reward = as_reward(reward)
         self.variant = check_choice("training-free variant", variant, VARIANTS)
         if variant != "snis" and not self.reward.differentiable:
@@ -148,9 +190,10 @@ class TrainingFreeGuidance:
                                f"{reward_name(self.reward)!r} is not: use variant='snis' (reward values only)")
         self.beta = check_beta(beta)
         self.schedule = schedule
-        if not (float(data_var) > 0 and math.isfinite(float(data_var))):
-            raise TiltgenError(f"data_var must be a finite number > 0, got {data_var!r}")
-        self.data_var = float(data_var)
+        if data_var is not None and data_cov is not None:
+            raise TiltgenError("give data_var (per-element variance) or data_cov (full covariance), not both")
+        self.data_var = _check_data_var(1.0 if data_var is None else data_var)
+        self.cov_basis, self.cov_eigenvalues = (None, None) if data_cov is None else _eigen(data_cov)
         self.scale = float(scale)
         self.t_window = check_window(t_window)
         if cg_steps < 1:
@@ -161,18 +204,36 @@ class TrainingFreeGuidance:
         self.draws = int(draws)
         self.seed = int(seed)
 
+    def posterior(self, t: Tensor, x0: Tensor) -> ProxyPosterior:
+        """C_t for the batch ``x0`` [N, ...] at times ``t``."""
+        if self.cov_basis is None:
+            data_var = self.data_var
+            if isinstance(data_var, Tensor):
+                _check_broadcast(data_var, x0)
+                data_var = data_var.to(dtype=x0.dtype, device=x0.device)
+            return ProxyPosterior(posterior_variance(self.schedule, t, x0, data_var))
+        dim = x0[0].numel()
+        if self.cov_basis.shape[0] != dim:
+            raise TiltgenError(f"data_cov is {self.cov_basis.shape[0]}x{self.cov_basis.shape[0]} but one sample has "
+                               f"{dim} elements (shape {tuple(x0.shape[1:])})")
+        c = coefficients(self.schedule, t, x0)
+        alpha2, sigma2 = c.alpha.reshape(-1, 1) ** 2, c.sigma.reshape(-1, 1) ** 2
+        lam = self.cov_eigenvalues.to(dtype=x0.dtype, device=x0.device)
+        nu = lam * sigma2 / (alpha2 * lam + sigma2)
+        return ProxyPosterior(nu, self.cov_basis.to(dtype=x0.dtype, device=x0.device))
+
     def x0_shift(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tensor:
         """The estimated E*[x0 | x_t] - E[x0 | x_t]  [N, ...]."""
         x0 = x0_hat.detach()
-        nu = posterior_variance(self.schedule, t, x0, self.data_var)
+        post = self.posterior(t, x0)
         if self.variant == "linear":
-            return nu * reward_gradient(self.reward, x0, cond) / self.beta
+            return post.apply(reward_gradient(self.reward, x0, cond)) / self.beta
         if self.variant == "bounded":
-            return _bounded_shift(reward_gradient(self.reward, x0, cond), nu, self.beta)
+            return _bounded_shift(reward_gradient(self.reward, x0, cond), post, self.beta)
         if self.variant == "newton":
-            return _newton_shift(self.reward, x0, cond, nu, self.beta, self.cg_steps)
+            return _newton_shift(self.reward, x0, cond, post, self.beta, self.cg_steps)
         z = _draws(self.draws, tuple(x0.shape[1:]), x0.dtype, x0.device, self.seed)
-        return _snis_shift(self.reward, x0, cond, nu, self.beta, z)
+        return _snis_shift(self.reward, x0, cond, post, self.beta, z)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tilt:
         keep = in_window(t, self.t_window)
@@ -181,3 +242,38 @@ class TrainingFreeGuidance:
         shift = self.x0_shift(x_t, t, cond, x0_hat)
         tilt = Tilt(x0_shift=shift if self.scale == 1.0 else shift * self.scale)
         return tilt if keep is None else tilt.masked(keep)
+
+
+def _check_data_var(data_var: float | Tensor) -> float | Tensor:
+    """A positive finite float, or a tensor of them (per-element variances)."""
+    values = torch.as_tensor(data_var, dtype=torch.float64)
+    if values.numel() == 0 or not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+        raise TiltgenError(f"data_var must be finite and > 0 (a number or a tensor of per-element variances), "
+                           f"got {data_var!r}")
+    return float(values) if values.numel() == 1 else values
+
+
+def _check_broadcast(data_var: Tensor, x0: Tensor) -> None:
+    try:
+        shape = torch.broadcast_shapes(tuple(data_var.shape), tuple(x0.shape[1:]))
+    except RuntimeError:
+        shape = None
+    if shape != tuple(x0.shape[1:]):
+        raise TiltgenError(f"data_var of shape {tuple(data_var.shape)} does not broadcast to one sample's shape "
+                           f"{tuple(x0.shape[1:])}")
+
+
+def _eigen(data_cov: Tensor) -> tuple[Tensor, Tensor]:
+    """The eigenvectors [D, D] and eigenvalues [D] of a symmetric positive-definite ``data_cov``."""
+    cov = torch.as_tensor(data_cov, dtype=torch.float64)
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1] or cov.shape[0] == 0:
+        raise TiltgenError(f"data_cov must be a square [D, D] matrix over one flattened sample, got shape "
+                           f"{tuple(cov.shape)}")
+    if not bool(torch.isfinite(cov).all()):
+        raise TiltgenError("data_cov has non-finite entries")
+    if not torch.allclose(cov, cov.T, rtol=1e-6, atol=1e-9 * float(cov.abs().max())):
+        raise TiltgenError("data_cov must be symmetric")
+    eigenvalues, basis = torch.linalg.eigh(0.5 * (cov + cov.T))
+    if float(eigenvalues.min()) <= 0:
+        raise TiltgenError(f"data_cov must be positive definite; its smallest eigenvalue is {float(eigenvalues.min()):.3g}")
+    return basis, eigenvalues

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ...builtin import resolve_weights
 from .common import Trainer, base_parser, finish, setup, write_readme
-from .latents import latent_bank, sample_latents, training_captions
+from .latents import latent_bank, latent_channel_variance, sample_latents, training_captions
 from .pipelines import SD_TEXT_DIM, load_vae, save_sd_pipeline, sd_scheduler, sd_unet_config, write_info
 from .text import clip_text_config, clip_tokenizer
 
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      tokenizer=tokenizer)
     write_info(out, {"name": out.name, "family": "diffusion", "pipeline": "StableDiffusionPipeline",
                      "default_steps": DEFAULT_STEPS, "default_cfg": DEFAULT_CFG, "seed": args.seed,
-                     "train_wall_s": round(trainer.wall, 1)})
+                     "data_var": latent_channel_variance(vae), "train_wall_s": round(trainer.wall, 1)})
     write_readme(out, out.name, "SD-like text-to-image model of the built-in world: a complete "
                  "`StableDiffusionPipeline` folder (CLIP tokenizer + text encoder over the world's words, "
                  "`UNet2DConditionModel` with v-prediction on 8x8x4 latents, the world `AutoencoderKL`, DDIM). "

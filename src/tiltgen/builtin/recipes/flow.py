@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .common import Trainer, base_parser, finish, setup, write_readme
-from .latents import latent_bank, sample_latents, training_captions
+from .latents import latent_bank, latent_channel_variance, sample_latents, training_captions
 from .pipelines import (SD3_CLIP_DIM, SD3_T5_DIM, load_vae, save_sd3_pipeline, sd3_scheduler, sd3_transformer_config,
                         write_info)
 from .text import T5_MAX_LENGTH, clip_text_config, clip_tokenizer, t5_config, t5_tokenizer
@@ -84,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_info(out, {"name": out.name, "family": "flow", "pipeline": "StableDiffusion3Pipeline",
                      "default_steps": DEFAULT_STEPS, "default_cfg": DEFAULT_CFG, "seed": args.seed,
                      # chosen on guidance training prompts, not the demo's (docs/builtin-world.md)
-                     "trainingfree_variant": TRAININGFREE_VARIANT, "train_wall_s": round(trainer.wall, 1)})
+                     "trainingfree_variant": TRAININGFREE_VARIANT, "data_var": latent_channel_variance(vae),
+                     "train_wall_s": round(trainer.wall, 1)})
     write_readme(out, out.name, "SD3-like rectified-flow text-to-image model of the built-in world: a complete "
                  "`StableDiffusion3Pipeline` folder (two CLIP text encoders and a tiny T5 over the world's words, "
                  "`SD3Transformer2DModel` on 8x8x4 latents, the world `AutoencoderKL`, "

@@ -30,6 +30,26 @@ def latent_bank(vae: Any, n: int, seed: int, chunk: int = 1024) -> dict[str, Any
     return cached("latent-bank", {"n": n, "seed": seed, "vae": weights_fingerprint(vae), "version": 1}, build)
 
 
+DATA_VAR_IMAGES = 8192
+DATA_VAR_SEED = 97
+
+
+def latent_channel_variance(vae: Any, n: int = DATA_VAR_IMAGES, seed: int = DATA_VAR_SEED) -> list[float]:
+    """Per-channel variance of the model-space latents ((z - shift) * scale, z a VAE posterior
+    sample) of ``n`` world images: ``data_var`` of the generator's ``tiltgen.json``, the prior of
+    training-free guidance's proxy posterior (docs/training-free-guidance.md)."""
+    bank = world_bank(n, seed)
+    scale, shift = float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+    g = torch.Generator().manual_seed(seed)
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, n, 1024):
+            dist = vae.encode(as_float(bank["images"][i:i + 1024]) * 2 - 1).latent_dist
+            chunks.append((dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g) - shift) * scale)
+    latents = torch.cat(chunks).double()
+    return [round(float(v), 4) for v in latents.var(dim=(0, 2, 3))]
+
+
 def sample_latents(bank: dict[str, Any], idx: Tensor, scale: float, g: torch.Generator) -> Tensor:
     """Posterior samples of the bank's latents ``idx``, times the VAE's scaling factor."""
     mean, std = bank["mean"][idx], bank["std"][idx]

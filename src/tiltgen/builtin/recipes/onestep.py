@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ...builtin import read_info, resolve_weights
 from .common import Trainer, base_parser, cached, finish, setup, weights_fingerprint, world_bank, write_readme
 from .diffusion import encode_prompts
-from .latents import training_captions
+from .latents import latent_channel_variance, training_captions
 from .pipelines import save_sd_pipeline, write_info
 
 
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_info(out, {"name": out.name, "family": "onestep", "pipeline": "StableDiffusionPipeline", "default_steps": 1,
                      "default_cfg": 1.0, "seed": args.seed, "distilled_from": str(args.teacher),
                      "teacher_steps": args.teacher_steps, "teacher_cfg": cfg, "pairs": args.pairs,
-                     "teacher_wall_s": round(teacher_wall, 1),
+                     "teacher_wall_s": round(teacher_wall, 1), "data_var": latent_channel_variance(teacher.vae),
                      "train_wall_s": round(trainer.wall, 1)})
     write_readme(out, out.name, f"SD-Turbo-like one-step generator of the built-in world, distilled from "
                  f"`{args.teacher}` ({args.pairs} pairs of its {args.teacher_steps}-step DDIM sampler with CFG "
