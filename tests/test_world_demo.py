@@ -35,7 +35,12 @@ def test_demo_writes_every_row_for_every_prompt(demo):
     assert "within-prompt" in md and "Attribute histograms that moved" in md
     # the training-free row reports the variant it used (the flow folder recommends linear)
     assert {r["variant"] for r in records if r["method"] == "trainingfree"} == {"linear"}
-    assert "flow trainingfree uses the `linear` variant" in md
+    assert "flow trainingfree uses the `linear` variant and data variance" in md
+    assert {len(r["data_var"]) for r in records if r["method"] == "trainingfree"} == {4}  # one per latent channel
+    for r in (r for r in records if r["method"] == "unguided"):  # the exact tilt, estimated from these images
+        assert 1.0 <= r["proxy_exact_tilt_ess"] <= r["n"] + 1e-9
+        assert (r["fidelity_exact_tilt_estimate"] is None) == (r["prompt"] == "")  # "" specifies nothing
+    assert "fidelity under the exact tilt" in md
     # learned rows guide at (and report) the scale their network was calibrated to
     from tiltgen.eval.world_demo import GUIDANCE
     from tiltgen.tilt.learned import load_guidance
@@ -50,6 +55,23 @@ def test_demo_writes_every_row_for_every_prompt(demo):
     unguided = {(r["model"], r["prompt"]): r for r in records if r["method"] == "unguided"}
     for r in best:  # best-of-N keeps the unguided sample among its candidates
         assert r["proxy"] >= unguided[(r["model"], r["prompt"])]["proxy"] - 1e-6
+
+
+def test_exact_tilt_estimates_are_self_normalised_importance_means():
+    import math
+
+    import torch
+
+    from tiltgen.eval.world_report import exact_tilt_estimates
+
+    beta = 0.1
+    base = {"_proxy": torch.tensor([0.0, 0.0, beta * math.log(3.0)]), "_gold": torch.tensor([1.0, 2.0, 3.0]),
+            "_fidelity": [1.0, None, 0.0]}
+    est = exact_tilt_estimates(base, beta)  # weights 1/5, 1/5, 3/5
+    assert est["gold_exact_tilt_estimate"] == pytest.approx(0.2 * 1 + 0.2 * 2 + 0.6 * 3)
+    assert est["fidelity_exact_tilt_estimate"] == pytest.approx(0.2 / 0.8)  # renormalised over scored images
+    assert est["proxy_exact_tilt_ess"] == pytest.approx(1 / (0.04 + 0.04 + 0.36))
+    assert exact_tilt_estimates({**base, "_fidelity": [None] * 3}, beta)["fidelity_exact_tilt_estimate"] is None
 
 
 def test_row_parsing_and_bad_input(tmp_path, capsys):

@@ -34,12 +34,6 @@ def histograms(readings: Sequence[Any]) -> dict[str, dict[str, float]]:
     return weighted_histograms(readings)
 
 
-def tilted_estimate(values: Tensor, beta: float) -> tuple[float, float]:
-    """Self-normalised importance estimate of E_p*[r] from base samples' rewards, and its ESS."""
-    w = snis_weights(values, beta)
-    return snis_mean(values, w), effective_sample_size(w)
-
-
 def measure(results: Sequence[RowResult], settings: DemoSettings) -> list[dict[str, Any]]:
     """One record per (model, prompt, method)."""
     from ..rewards import get_reward
@@ -68,7 +62,8 @@ def measure(results: Sequence[RowResult], settings: DemoSettings) -> list[dict[s
                    "model_evals": row.model_evals, "backward_through_generator": row.backward,
                    "wall_ratio": ratio, "wall_ratio_unreliable": unreliable, "wall_s": min(row.walls),
                    "histograms": histograms(fid["readings"]), **row.extra}
-            cache[(row.model, row.method, prompt)] = {**rec, "_proxy": values["proxy"]}  # type: ignore[index]
+            cache[(row.model, row.method, prompt)] = {**rec, "_proxy": values["proxy"], "_gold": values["gold"],
+                                                      "_fidelity": fid["per_image"]}  # type: ignore[index]
             records.append(rec)
     for rec in records:
         base = cache[(rec["model"], "unguided", rec["prompt"])]  # type: ignore[index]
@@ -83,9 +78,23 @@ def measure(results: Sequence[RowResult], settings: DemoSettings) -> list[dict[s
         rec["moved"] = {k: total_variation(rec["histograms"][k], base["histograms"][k]) for k in HISTOGRAMS
                         if total_variation(rec["histograms"][k], base["histograms"][k]) >= MOVED_TV}
         if rec["method"] == "unguided":
-            est, ess = tilted_estimate(base["_proxy"], settings.beta)
-            rec["proxy_exact_tilt_estimate"], rec["proxy_exact_tilt_ess"] = est, ess
+            rec.update(exact_tilt_estimates(base, settings.beta))
     return records
+
+
+def exact_tilt_estimates(base: dict[str, Any], beta: float) -> dict[str, Any]:
+    """Self-normalised importance estimates, from one prompt's unguided images, of the exact tilt's
+    proxy, gold and fidelity (None where the caption specifies nothing), and the weights' ESS: so a
+    reader can tell a drop in fidelity that the tilt itself makes from one that guidance adds."""
+    weights = snis_weights(base["_proxy"], beta)
+    scored = [i for i, f in enumerate(base["_fidelity"]) if f is not None]
+    fidelity = None
+    if scored:
+        values = torch.tensor([base["_fidelity"][i] for i in scored], dtype=torch.float64)
+        fidelity = snis_mean(values, weights[scored]) if float(weights[scored].sum()) > 0 else None
+    return {"proxy_exact_tilt_estimate": snis_mean(base["_proxy"], weights),
+            "gold_exact_tilt_estimate": snis_mean(base["_gold"], weights),
+            "fidelity_exact_tilt_estimate": fidelity, "proxy_exact_tilt_ess": effective_sample_size(weights)}
 
 
 def summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -165,7 +174,8 @@ def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Pat
         f"networks tilt at the beta they were trained for); held-out `{GOLD_REWARD}`; {settings.n} images per "
         f"prompt, seeds {settings.seed}..{settings.seed + settings.n - 1} in every row; {wall_total:.0f} s in all. "
         "The guidance networks never saw these prompts."
-        + "".join(f" {r.model} {r.method} uses the `{r.extra['variant']}` variant (the model folder's recommendation)."
+        + "".join(f" {r.model} {r.method} uses the `{r.extra['variant']}` variant and data variance "
+                  f"{_data_var_text(r.extra.get('data_var', 1.0))} (the model folder's recommendations)."
                   for r in results if "variant" in r.extra)
         + "".join(f" {r.model} {r.method} guides at scale {r.extra['scale']:.3g} (the network's calibrated scale, "
                   "`tiltgen calibrate-guidance`)." for r in results if r.extra.get("scale") not in (None, 1.0))
@@ -192,11 +202,17 @@ def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Pat
     if hacks:
         parts.append("Reward hacking (proxy up, gold down): " + ", ".join(f"{s['model']} {s['method']}"
                                                                         for s in hacks) + ".\n")
+    tilt_lines = _exact_tilt_fidelity_lines(base_rows)
+    if tilt_lines:
+        parts.append("Fidelity change the exact tilt itself would make (importance estimate from the unguided "
+                     "images; rough where the ESS is small): " + "; ".join(tilt_lines) + ".\n")
     parts += ["## Base models: within-prompt spread\n",
-              table(base_rows, ("model", "prompt", "gold", "gold_std", "proxy", "proxy_std",
-                                "proxy_exact_tilt_estimate", "proxy_exact_tilt_ess"),
-                    ("model", "prompt", "gold", "gold std", "proxy", "proxy std",
-                     f"proxy under the exact tilt (importance estimate, beta {settings.beta:g})", "its ESS")) + "\n",
+              table(base_rows, ("model", "prompt", "gold", "gold_std", "proxy", "proxy_std", "fidelity",
+                                "proxy_exact_tilt_estimate", "gold_exact_tilt_estimate",
+                                "fidelity_exact_tilt_estimate", "proxy_exact_tilt_ess"),
+                    ("model", "prompt", "gold", "gold std", "proxy", "proxy std", "fidelity",
+                     f"proxy under the exact tilt (importance estimate, beta {settings.beta:g})",
+                     "gold under the exact tilt", "fidelity under the exact tilt", "the estimate's ESS")) + "\n",
               "## Every (model, prompt, method)\n",
               table(records, ("model", "prompt", "method", "proxy", "gold", "fidelity", "binary", "diversity",
                               "proxy_gain_std", "gold_gain_std", "model_evals", "wall_ratio")) + "\n",
@@ -242,6 +258,25 @@ def plot_grid(results: Sequence[RowResult], settings: DemoSettings, path: Path, 
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _exact_tilt_fidelity_lines(base_rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per model: the mean over prompts of (fidelity under the exact tilt - unguided fidelity)."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in base_rows):
+        rows = [r for r in base_rows if r["model"] == model and r.get("fidelity_exact_tilt_estimate") is not None
+                and r["fidelity"] is not None]
+        if rows:
+            change = sum(r["fidelity_exact_tilt_estimate"] - r["fidelity"] for r in rows) / len(rows)
+            ess = [r["proxy_exact_tilt_ess"] for r in rows]
+            lines.append(f"{model} {change:+.3f} (ESS {min(ess):.1f}-{max(ess):.1f})")
+    return lines
+
+
+def _data_var_text(data_var: float | list[float]) -> str:
+    if isinstance(data_var, (int, float)):
+        return f"{data_var:g}"
+    return "(" + ", ".join(f"{v:.2f}" for v in data_var) + ") per latent channel"
 
 
 def _smc_description(row: RowResult) -> str:

@@ -158,8 +158,9 @@ def attribute_fidelity(images: Tensor, prompts: Sequence[str] | str,
 
     Returns ``per_attribute`` {kind: fraction of the images whose caption specifies it that
     satisfy it}, ``fidelity`` (mean over images of the fraction of their specified attributes
-    satisfied; None if no caption specifies anything), ``all`` (fraction of those images with
-    every specified attribute right) and ``readings``.
+    satisfied; None if no caption specifies anything), ``per_image`` (that fraction per image,
+    None where the caption specifies nothing), ``all`` (fraction of those images with every
+    specified attribute right) and ``readings``.
     """
     reader = AttributeReader(weights)
     prompts = prompts_for(prompts, images.shape[0], "attribute_fidelity")
@@ -172,6 +173,7 @@ def attribute_fidelity(images: Tensor, prompts: Sequence[str] | str,
     scored = [h for h in hits if h]
     return {"per_attribute": {k: sum(v) / len(v) for k, v in per.items()},
             "fidelity": sum(sum(h.values()) / len(h) for h in scored) / len(scored) if scored else None,
+            "per_image": [sum(h.values()) / len(h) if h else None for h in hits],
             "all": sum(all(h.values()) for h in scored) / len(scored) if scored else None,
             "readings": readings}
 
