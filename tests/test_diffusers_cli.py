@@ -37,6 +37,7 @@ def test_sample_writes_images_and_record(sd_dir, tmp_path, method, capsys):
     assert all((out / s["file"]).is_file() for s in record["samples"])
     captured = capsys.readouterr()
     assert "4 images in" in captured.out
+    assert record["data_var"] == (1.0 if method == "trainingfree" else None)  # the one it used (no folder value)
     if method == "unguided":  # it samples the base model: the manifest must not claim a tilt
         assert "--beta is ignored with --method unguided" in captured.err and record["beta"] is None
     else:

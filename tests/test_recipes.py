@@ -106,3 +106,14 @@ def test_v_loss_weight_is_min_snr_with_a_floor():
     peak = v_loss_weight(scheduler, every, 5.0, 0.3)
     assert int(peak.argmax()) == int((snr_all - 5).abs().argmin())
     assert float(peak.max()) == pytest.approx(5 / 6, abs=0.01)
+
+
+def test_timestep_range_of_a_second_phase():
+    from tiltgen.builtin.recipes.diffusion import timestep_range
+    from tiltgen.errors import TiltgenError
+
+    assert timestep_range(None, 1000) == (0, 1000)
+    assert timestep_range("500,1000", 1000) == (500, 1000)
+    for bad in ("500", "a,b", "600,500", "0,1001", "-1,10"):
+        with pytest.raises(TiltgenError, match="--timesteps"):
+            timestep_range(bad, 1000)

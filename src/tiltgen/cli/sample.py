@@ -153,7 +153,7 @@ def prompts_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
-    """The estimator of ``--method``; records the beta and variant it really uses in ``args``."""
+    """The estimator of ``--method``; records the beta, variant and data variance it really uses in ``args``."""
     from ..eval.estimators import build_estimator, default_variant
 
     args.variant = args.variant or ("plain" if args.method == "tweedie" else default_variant(model))
@@ -163,6 +163,9 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
                                            force_guidance=args.force_guidance, cache_dir=args.cache_dir)
     if args.method != "unguided":
         args.scale = float(getattr(estimator, "scale", 1.0 if args.scale is None else args.scale))
+    if args.method == "trainingfree" and args.data_var is None:  # the model folder's, else 1
+        var = estimator.data_var
+        args.data_var = var if isinstance(var, float) else [float(v) for v in var.flatten()]
     return estimator
 
 

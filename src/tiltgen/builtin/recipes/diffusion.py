@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ...builtin import resolve_weights
+from ...errors import TiltgenError
 from .common import Trainer, base_parser, finish, setup, write_readme
 from .latents import latent_bank, latent_channel_variance, sample_latents, training_captions
 from .pipelines import SD_TEXT_DIM, load_vae, save_sd_pipeline, sd_scheduler, sd_unet_config, write_info
@@ -54,6 +55,19 @@ def v_loss_weight(scheduler, k: Tensor, gamma: float, floor: float) -> Tensor:
     return (snr.clamp(max=gamma) / (snr + 1)).clamp(min=floor).float()
 
 
+def timestep_range(text: str | None, total: int) -> tuple[int, int]:
+    """``--timesteps LO,HI`` as integers with 0 <= LO < HI <= total (default: every timestep)."""
+    if text is None:
+        return 0, total
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise TiltgenError(f"--timesteps takes LO,HI (two integers), got {text!r}") from None
+    if not 0 <= lo < hi <= total:
+        raise TiltgenError(f"--timesteps needs 0 <= LO < HI <= {total}, got {text!r}")
+    return lo, hi
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("python -m tiltgen.builtin.recipes.diffusion", __doc__, steps=6000, batch_size=128,
                          lr=1e-3)
@@ -65,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="min-SNR-gamma weighting of the v loss, min(SNR, gamma) / (SNR + 1) (0: unweighted)")
     parser.add_argument("--snr-floor", type=float, default=0.0,
                         help="lower bound of that weight, so the high-noise steps that place shapes keep training")
+    parser.add_argument("--timesteps", default=None, metavar="LO,HI",
+                        help="train only on the integer timesteps in [LO, HI) (default: all; a second phase that "
+                             "teaches the high-noise steps alone, say 500,1000)")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     work = setup(args)
@@ -83,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text_encoder = CLIPTextModel(clip_text_config(len(tokenizer), SD_TEXT_DIM))
         unet = UNet2DConditionModel(**sd_unet_config())
     scheduler = sd_scheduler()
+    k_lo, k_hi = timestep_range(args.timesteps, scheduler.config.num_train_timesteps)
     trainer = Trainer({"unet": unet, "text_encoder": text_encoder}, args)
     n = bank["mean"].shape[0]
 
@@ -90,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idx = torch.randint(0, n, (args.batch_size,), generator=g)
         z = sample_latents(bank, idx, scale, g)
         prompts = training_captions([bank["scenes"][i] for i in idx.tolist()], args.seed, step)
-        k = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=g)
+        k = torch.randint(k_lo, k_hi, (args.batch_size,), generator=g)
         eps = torch.randn(z.shape, generator=g)
         z_t = scheduler.add_noise(z, eps, k)
         target = scheduler.get_velocity(z, eps, k)
