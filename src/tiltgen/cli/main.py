@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default 2, quick 1)")
     analytic.add_argument("--markdown", help="write the results as a Markdown table to this file")
     analytic.add_argument("--no-progress", action="store_true", help="no progress bar")
-    analytic.add_argument("--train-steps", type=int, help="learned guidance: training steps (default 1500, quick 1000)")
+    analytic.add_argument("--train-steps", type=int, help="learned guidance: training steps (default 4000, quick 3000)")
     analytic.add_argument("--train-data", type=int, help="learned guidance: base samples it is trained on "
                                                           "(default and quick 65536)")
     analytic.add_argument("--train-pool", type=int, help="learned guidance: noised training states (default 1048576, "
