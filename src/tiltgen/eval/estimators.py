@@ -50,7 +50,7 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     from ..tilt.training_free import TrainingFreeGuidance
 
     if data_var is None:
-        data_var = getattr(model, "info", {}).get("data_var", 1.0)
+        data_var = default_data_var(model)
     variant = variant or default_variant(model)
     return TrainingFreeGuidance(latent_reward, beta, model.schedule, data_var=latent_data_var(data_var, model),
                                 variant=variant,
@@ -69,6 +69,12 @@ def latent_data_var(data_var: float | Sequence[float], model: Any) -> float | Te
         raise TiltgenError(f"data_var gives {len(values)} per-channel variances but the model's latents have "
                            f"{channels} channels")
     return torch.tensor(values, dtype=torch.float64).reshape(-1, 1, 1)
+
+
+def default_data_var(model: Any) -> float | list[float]:
+    """The data variance a model folder records in its ``tiltgen.json`` (``data_var``: one number
+    or one per latent channel), else 1 (latents normalised by their scaling factor)."""
+    return getattr(model, "info", {}).get("data_var", 1.0)
 
 
 def default_variant(model: Any) -> str:

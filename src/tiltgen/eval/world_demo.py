@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core.model import CountingModel
 from ..errors import TiltgenError
 from ..tilt.base import GuidedModel
-from .estimators import build_estimator, default_variant
+from .estimators import build_estimator, default_data_var, default_variant
 
 TARGET_REWARD = "world-proxy"
 GOLD_REWARD = "world-gold"
@@ -214,7 +214,7 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
         if m in PARTICLE_ROWS:
             results[m].extra.update(particles=settings.particles, smc=PARTICLE_ROWS[m])
     if "trainingfree" in results:
-        results["trainingfree"].extra.update(variant=default_variant(model), data_var=model.info.get("data_var", 1.0))
+        results["trainingfree"].extra.update(variant=default_variant(model), data_var=default_data_var(model))
     if "bestofn" in methods:
         base = min(walls["unguided"])
         best_of = settings.best_of or max(2, round(max([min(w) / base for m, w in walls.items() if m != "unguided"],

@@ -38,16 +38,10 @@ def latent_channel_variance(vae: Any, n: int = DATA_VAR_IMAGES, seed: int = DATA
     """Per-channel variance of the model-space latents ((z - shift) * scale, z a VAE posterior
     sample) of ``n`` world images: ``data_var`` of the generator's ``tiltgen.json``, the prior of
     training-free guidance's proxy posterior (docs/training-free-guidance.md)."""
-    bank = world_bank(n, seed)
     scale, shift = float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
-    g = torch.Generator().manual_seed(seed)
-    chunks = []
-    with torch.no_grad():
-        for i in range(0, n, 1024):
-            dist = vae.encode(as_float(bank["images"][i:i + 1024]) * 2 - 1).latent_dist
-            chunks.append((dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g) - shift) * scale)
-    latents = torch.cat(chunks).double()
-    return [round(float(v), 4) for v in latents.var(dim=(0, 2, 3))]
+    bank = latent_bank(vae, n, seed)
+    latents = sample_latents(bank, torch.arange(n), scale, torch.Generator().manual_seed(seed)) - shift * scale
+    return [round(float(v), 4) for v in latents.double().var(dim=(0, 2, 3))]
 
 
 def sample_latents(bank: dict[str, Any], idx: Tensor, scale: float, g: torch.Generator) -> Tensor:
