@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -379,3 +380,167 @@ def test_cli_shows_the_low_ess_warning_as_one_line(tmp_path, capsys):
     assert "tiltgen: warning: the exp(r/beta) weights of the training data have an effective sample size" in captured.err
     assert "UserWarning" not in captured.err and "main.py" not in captured.err
     assert "effective samples of the exp(r/beta) weights per condition: min" in captured.out
+
+
+# --- annealed training ---------------------------------------------------------------------------
+def test_next_lambda_keeps_the_ess_fraction_and_stops_at_the_target():
+    from tiltgen.tilt.learned.anneal import next_lambda
+    from tiltgen.tilt.learned.data import weights_ess
+
+    reward = torch.randn(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3.0
+    prompt = torch.zeros(4000, dtype=torch.long)
+    # a weak target keeps more than the fraction: one step straight to it
+    assert next_lambda(reward, prompt, 0.0, 0.01, 0.1) == 0.01
+    lam = next_lambda(reward, prompt, 0.2, 5.0, 0.1)
+    assert 0.2 < lam < 5.0
+    ess = float(weights_ess(reward, prompt, 1.0 / (lam - 0.2)))
+    assert ess == pytest.approx(400.0, rel=1e-3)
+    # for Gaussian rewards (std s) the ESS fraction of exp(d r) is exp(-d^2 s^2): d = sqrt(ln 10) / 3
+    # (in the limit of many samples; 4000 draws thin the upper tail the weights rest on, so 12 % more here)
+    assert lam - 0.2 == pytest.approx(math.sqrt(math.log(10.0)) / 3.0, rel=0.2)
+    # every condition keeps the fraction: the one with the wider rewards sets the step
+    two = torch.cat([reward, 2 * reward])
+    groups = torch.cat([prompt, prompt + 1])
+    lam2 = next_lambda(two, groups, 0.0, 5.0, 0.1)
+    assert float(weights_ess(two, groups, 1.0 / lam2).min()) == pytest.approx(400.0, rel=1e-3)
+
+
+def _relative_shift_error(guidance, case, fam) -> float:
+    oracle = case.tilt().oracle(fam.schedule)
+    x0 = case.base.sample(400, torch.Generator().manual_seed(1))
+    errors = []
+    for t_val in (0.9, 0.6, 0.3):
+        t = torch.full((400,), t_val, dtype=torch.float64)
+        x = (1 - t_val) * x0 + t_val * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2),
+                                                   dtype=torch.float64)
+        exact = oracle.x0_shift(x, t)
+        errors.append(float((guidance(x, t, None, x).x0_shift - exact).norm(dim=1).mean()
+                            / exact.norm(dim=1).mean()))
+    return sum(errors) / len(errors)
+
+
+def test_annealed_training_climbs_a_ladder_and_matches_the_exact_shift():
+    from tiltgen.tilt.learned.anneal import train_annealed
+
+    case = CASES["ring2d-linear-b0.5"]  # base weights keep ~6 % ESS: with a 30 % floor it takes stages
+    fam = FAMILIES["flow"]
+    model = case.base.model(fam.schedule, fam.prediction)
+    config = small_config(beta=0.5, steps=300, n_data=1500, pool_size=15000, time_levels=20)
+    result = train_annealed(model, fam.schedule, case.reward, config, shape=(2,), ess_fraction=0.3, progress=False)
+    stages = result.record["anneal"]["stages"]
+    lambdas = [s["lambda"] for s in stages]
+    assert len(stages) >= 2 and lambdas == sorted(lambdas) and lambdas[-1] == pytest.approx(2.0)
+    # every stage but the last kept the ESS floor (the last may keep more)
+    assert all(s["weights_ess"] >= 0.3 * 1500 * 0.999 for s in stages)
+    assert result.record["beta"] == 0.5 and result.record["train_reward_evals"] == 1500 * len(stages)
+    # one network carries the whole tilt, as accurate as the one-stage network of the same size
+    single = train_guidance(model, fam.schedule, case.reward, config, shape=(2,), progress=False)
+    annealed_err, single_err = (_relative_shift_error(g, case, fam) for g in (result.guidance, single.guidance))
+    assert annealed_err < 0.35, (annealed_err, single_err)
+    assert annealed_err < 1.3 * single_err, (annealed_err, single_err)
+
+
+def test_annealed_training_is_one_stage_when_the_base_weights_suffice_and_checks_its_arguments(tmp_path):
+    from tiltgen.tilt.learned.anneal import train_annealed
+
+    model, fam = ring_model("flow")
+    config = small_config(steps=40)
+    one = train_annealed(model, fam.schedule, RING.reward, config, shape=(2,), ess_fraction=0.01, progress=False)
+    plain = train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), progress=False)
+    assert len(one.record["anneal"]["stages"]) == 1
+    for key, value in plain.guidance.potential.net.state_dict().items():
+        assert torch.equal(value, one.guidance.potential.net.state_dict()[key])
+    for bad in ({"ess_fraction": 0.0}, {"ess_fraction": 1.0}, {"max_stages": 0}):
+        with pytest.raises(TiltgenError, match=next(iter(bad))):
+            train_annealed(model, fam.schedule, RING.reward, config, shape=(2,), progress=False, **bad)
+    with pytest.raises(TiltgenError, match="data="):
+        train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), progress=False, out_dir=tmp_path,
+                       resume=True, data=_data(model, fam))
+
+
+def _data(model, fam):
+    from tiltgen.tilt.learned import generate_data
+
+    return generate_data(model, fam.schedule, RING.reward, shape=(2,), n=20, steps=4, progress=False)
+
+
+def test_interrupted_annealed_training_resumes_to_the_same_network(tmp_path, monkeypatch, capsys):
+    from tiltgen.tilt.learned import anneal
+
+    case = CASES["ring2d-linear-b0.5"]
+    fam = FAMILIES["flow"]
+    model = case.base.model(fam.schedule, fam.prediction)
+    config = small_config(beta=0.5, steps=30, checkpoint_every=10, n_data=300, pool_size=3000)
+
+    def run(out, **kw):
+        return anneal.train_annealed(model, fam.schedule, case.reward, config, shape=(2,), ess_fraction=0.4,
+                                     out_dir=out, progress=False, **kw)
+
+    full = run(tmp_path / "full")
+    real = anneal.train_guidance
+    calls = []
+
+    def cut(*args, **kwargs):  # the second stage stops at step 17 (Ctrl-C: a checkpoint is written)
+        calls.append(1)
+        if len(calls) == 2:
+            def stop(step, loss):
+                if step == 17:
+                    raise KeyboardInterrupt
+            kwargs["on_step"] = stop
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(anneal, "train_guidance", cut)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(anneal, "train_guidance", real)
+    ladder = json.loads((tmp_path / "cut" / "anneal.json").read_text())
+    assert [s["done"] for s in ladder["stages"]] == [True, False]
+    resumed = run(tmp_path / "cut", resume=True)
+    stages = full.record["anneal"]["stages"]
+    assert len(stages) >= 2
+    assert [s["lambda"] for s in resumed.record["anneal"]["stages"]] == [s["lambda"] for s in stages]
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+    for key, value in full.guidance.potential.net.state_dict().items():
+        assert torch.allclose(value, resumed.guidance.potential.net.state_dict()[key], rtol=1e-5, atol=1e-7)
+    # the folder holds the whole tilt's network, loadable like any other
+    saved = load_guidance(tmp_path / "cut")
+    assert saved.record["beta"] == 0.5 and len(saved.record["anneal"]["stages"]) == len(stages)
+    assert "annealed training" in (tmp_path / "cut" / "README.md").read_text()
+    with pytest.raises(TiltgenError, match="ess_fraction"):
+        anneal.train_annealed(model, fam.schedule, case.reward, config, shape=(2,), ess_fraction=0.3,
+                              out_dir=tmp_path / "cut", resume=True, progress=False)
+    # the command line: --anneal-ess runs it and reports the ladder
+    out = tmp_path / "cli"
+    assert main(["train-guidance", "--case", "ring2d-linear-b0.5", "--family", "flow", "--out", str(out), "--steps",
+                 "20", "--n-data", "200", "--pool-size", "2000", "--data-steps", "8", "--time-levels", "8",
+                 "--anneal-ess", "0.4", "--stage-particles", "4", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "annealed in" in text and (out / "stage-1" / "guidance.json").is_file()
+    record = json.loads((out / "guidance.json").read_text())
+    assert record["anneal"]["stage_particles"] == 4 and len(record["anneal"]["stages"]) >= 2
+
+
+def test_smc_stage_data_are_weighted_particles_of_the_intermediate_tilt():
+    from tiltgen.tilt.learned.anneal import _smc_stage_data
+
+    model, fam = ring_model("flow")
+    config = small_config(steps=60, n_data=800, pool_size=8000)
+    guidance = train_guidance(model, fam.schedule, RING.reward, config, shape=(2,), progress=False).guidance
+    data = _smc_stage_data(model, fam.schedule, RING.reward, guidance, 0.5, config, (2,), None, 5, 8, False)
+    assert data.x0.shape == (800, 2) and data.log_weight.shape == (800,)
+    # each population of 8 carries the same total weight: its normalised weights sum to 1 (x N)
+    per_population = torch.exp(data.log_weight).reshape(100, 8).sum(1)
+    assert torch.allclose(per_population, torch.full((100,), 8.0, dtype=torch.float64))
+    assert torch.allclose(data.reward, RING.reward(data.x0).to(torch.float64))
+    # weighted, they estimate the tilted mean reward at beta = 1 / 0.5 = 2 (exact: RING's tilt)
+    w = torch.softmax(data.log_weight, 0)
+    estimate = float((w * data.reward).sum())
+    exact = float(RING.reward(RING.tilt().tilted.sample(20000, torch.Generator().manual_seed(0))).mean())
+    base = float(RING.reward(RING.base.sample(20000, torch.Generator().manual_seed(0))).mean())
+    assert exact > base + 2.0
+    assert estimate == pytest.approx(exact, abs=0.1 * (exact - base))
+    assert data.model_evals == 800 * (2 * config.data_steps - 1) and data.reward_evals == 800
+    with pytest.raises(TiltgenError, match="divide"):
+        from tiltgen.tilt.learned.anneal import train_annealed
+        train_annealed(model, fam.schedule, RING.reward, small_config(n_data=30), shape=(2,), stage_particles=4,
+                       progress=False)

@@ -177,9 +177,12 @@ def _train_guidance(args: argparse.Namespace) -> int:
     else:
         model, schedule, reward, config, extra = _analytic_training(args)
     with resume_hint(processes, f"the finished data batches and the last checkpoint are kept in {out}"):
-        result = train_guidance(model, schedule, reward, config, out_dir=out, resume=args.resume,
-                                data_from=args.data_from, progress=not args.no_progress, processes=processes,
-                                **extra)
+        if args.anneal_ess is None:
+            result = train_guidance(model, schedule, reward, config, out_dir=out, resume=args.resume,
+                                    data_from=args.data_from, progress=not args.no_progress, processes=processes,
+                                    **extra)
+        else:
+            result = _train_annealed(args, processes, model, schedule, reward, config, out, extra)
     if not processes.is_main:
         return 0
     rec = result.record
@@ -190,10 +193,29 @@ def _train_guidance(args: argparse.Namespace) -> int:
     if ess:
         print(f"effective samples of the exp(r/beta) weights per condition: min {ess['min']:.1f}, "
               f"median {ess['median']:.1f} (of {ess['samples_per_condition']})")
+    if rec.get("anneal"):
+        ladder = ", ".join(f"{s['beta']:.4g}" for s in rec["anneal"]["stages"])
+        print(f"annealed in {len(rec['anneal']['stages'])} stage(s), beta = {ladder} (the base samples' weights kept "
+              f"{rec['anneal']['base_weights_ess']:.1f} effective samples at the target beta)")
     if rec.get("held_out_loss") is not None:
         print(f"held-out loss {rec['held_out_loss']:.4f} at step {rec['best_step']} (the weights kept)")
-    print(f"guidance written to {out} (guidance.json, guidance.safetensors, loss.png)")
+    files = "guidance.json, guidance.safetensors; each stage's run in stage-<k>/" if rec.get("anneal") else \
+        "guidance.json, guidance.safetensors, loss.png"
+    print(f"guidance written to {out} ({files})")
     return 0
+
+
+def _train_annealed(args: argparse.Namespace, processes, model, schedule, reward, config, out: Path, extra: dict):
+    from ..tilt.learned.anneal import train_annealed
+
+    if processes.distributed:
+        raise TiltgenError("--anneal-ess runs in one process (its stages sample the guided model in turn); "
+                           "launch it without torchrun / accelerate")
+    if args.data_from:
+        raise TiltgenError("--data-from cannot be combined with --anneal-ess (every stage draws its own samples)")
+    return train_annealed(model, schedule, reward, config, ess_fraction=args.anneal_ess, max_stages=args.max_stages,
+                          stage_particles=args.stage_particles, out_dir=out, resume=args.resume,
+                          progress=not args.no_progress, **extra)
 
 
 def _analytic_training(args: argparse.Namespace) -> tuple:
@@ -384,6 +406,14 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
                             "loss, checked every --checkpoint-every steps (default 0: keep the last)")
     train.add_argument("--data-from", help="reuse the samples and rewards of an earlier run folder (refused "
                                            "unless model, reward, prompts and data settings match)")
+    train.add_argument("--anneal-ess", type=float, default=None, metavar="FRACTION",
+                       help="train through a ladder of tilts, each stage on the previous stage's guided samples with "
+                            "weights keeping at least this share of effective samples (e.g. 0.1), for tilts too "
+                            "strong for the base samples (a low ESS); default: one stage")
+    train.add_argument("--max-stages", type=int, default=8, help="with --anneal-ess: at most this many stages")
+    train.add_argument("--stage-particles", type=int, default=1,
+                       help="with --anneal-ess: draw each later stage's samples by twisted SMC with this many "
+                            "particles, kept with their weights (default 1: the guided sampler's samples)")
     train.add_argument("--checkpoint-every", type=int, default=200)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bars")

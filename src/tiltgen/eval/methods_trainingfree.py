@@ -106,9 +106,9 @@ def _chunks(n: int, particles: int) -> list[tuple[int, int]]:
     return [(start, min(per, n - start)) for start in range(0, n, per)]
 
 
-def particle_count(match: re.Match[str]) -> int:
-    """N of a parameterised particle method's name (group 1), checked."""
-    particles = int(match.group(1))
+def particle_count(match: re.Match[str], group: int = 1) -> int:
+    """N of a parameterised particle method's name (``group`` of the match), checked."""
+    particles = int(match.group(group))
     if particles < 1:
         raise TiltgenError(f"the number of particles N must be >= 1, got {particles} in {match.group(0)!r}")
     return particles

@@ -65,6 +65,7 @@ class ParticleResult:
     resamples: int = 0
     ess: list[float] | None = None
     log_z: Tensor | None = None  # [n] estimate of log E_p[exp(r / beta)] per population (SMC)
+    rewards: Tensor | None = None  # [n, N] float64 final rewards of the particles (SMC)
 
 
 def check_particles(particles: int) -> int:
@@ -230,7 +231,7 @@ def smc_sample(model: Model, schedule: Schedule, reward: Reward, beta: float, *,
     log_z += _log_mean_exp(log_w)
     pick = torch.multinomial(torch.softmax(log_w, 1), 1, generator=gen)[:, 0]
     return ParticleResult(_select(x, pick, big_n), x.reshape((n, big_n) + x.shape[1:]),
-                          torch.log_softmax(log_w, 1), resamples, ess_trace, log_z)
+                          torch.log_softmax(log_w, 1), resamples, ess_trace, log_z, (final * beta).reshape(n, big_n))
 
 
 def _log_mean_exp(log_w: Tensor) -> Tensor:

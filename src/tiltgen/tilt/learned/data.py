@@ -26,9 +26,10 @@ from ...core.schedules import Schedule
 from ...errors import TiltgenError
 
 
-def tilt_weights(reward: Tensor, prompt: Tensor, beta: float) -> Tensor:
-    """exp(r / beta) normalised to mean 1 within each condition [N]: exp(r/beta) / mean_c exp(r/beta)."""
-    logits = reward / beta
+def tilt_weights(reward: Tensor, prompt: Tensor, beta: float, log_weight: Tensor | None = None) -> Tensor:
+    """exp(r / beta) normalised to mean 1 within each condition [N]: exp(r/beta) / mean_c exp(r/beta).
+    ``log_weight`` [N]: the samples' own importance weights (weighted data), multiplied in."""
+    logits = reward / beta if log_weight is None else reward / beta + log_weight
     out = torch.empty_like(logits)
     for p in torch.unique(prompt):
         mask = prompt == p
@@ -38,14 +39,18 @@ def tilt_weights(reward: Tensor, prompt: Tensor, beta: float) -> Tensor:
     return out
 
 
-def weights_ess(reward: Tensor, prompt: Tensor, beta: float) -> Tensor:
-    """Effective sample size (sum w)^2 / sum w^2 of the exp(r / beta) weights within each condition [K].
+def weights_ess(reward: Tensor, prompt: Tensor, beta: float, log_weight: Tensor | None = None) -> Tensor:
+    """Effective sample size (sum w)^2 / sum w^2 of the exp(r / beta) weights within each condition [K]
+    (times the samples' own ``log_weight`` when the data are weighted).
 
     The network learns the tilt from about this many of a condition's samples: near 1, it has
     seen one sample p* would keep, and no estimator trained on base samples can do better."""
+    logits = reward.to(torch.float64) / beta
+    if log_weight is not None:
+        logits = logits + log_weight.to(torch.float64)
     out = []
     for p in torch.unique(prompt):
-        w = torch.softmax(reward[prompt == p].to(torch.float64) / beta, 0)
+        w = torch.softmax(logits[prompt == p], 0)
         out.append(1.0 / (w**2).sum())
     return torch.stack(out)
 
@@ -62,13 +67,21 @@ class GuidanceData:
     model_evals: int = 0
     reward_evals: int = 0
     flops_per_sample: int | None = None   # sampling + reward, counted on the first batch
+    # [N] float64 importance weights of weighted samples (SMC particles); None: equally weighted
+    log_weight: Tensor | None = None
 
     def weights(self, beta: float) -> Tensor:
         """Per-condition normalised exp(r/beta) / mean_c exp(r/beta) [N] (mean 1 per condition)."""
-        return tilt_weights(self.reward, self.prompt, beta)
+        return tilt_weights(self.reward, self.prompt, beta, self.log_weight)
+
+    def ess(self, beta: float) -> Tensor:
+        """Effective sample size of :meth:`weights` per condition [K]."""
+        return weights_ess(self.reward, self.prompt, beta, self.log_weight)
 
     def tensors(self) -> dict[str, Tensor]:
         out = {"x0": self.x0, "reward": self.reward, "prompt": self.prompt}
+        if self.log_weight is not None:
+            out["log_weight"] = self.log_weight
         if self.states is not None:
             out.update(states=self.states, times=self.times)
         return out

@@ -126,6 +126,15 @@ def _ess_cell(ess: dict | None) -> str:
     return f"min {ess['min']:.1f}, median {ess['median']:.1f} per condition (of {ess['samples_per_condition']})"
 
 
+def _anneal_rows(anneal: dict | None) -> list[str]:
+    if not anneal:
+        return []
+    ladder = ", ".join(f"{s['beta']:.4g}" for s in anneal["stages"])
+    return [f"| annealed training | {len(anneal['stages'])} stage(s), β = {ladder}; each stage's weights kept ≥ "
+            f"{anneal['ess_fraction']:g} of their samples effective (the base samples alone: "
+            f"{anneal.get('base_weights_ess', float('nan')):.1f} at the target β) |"]
+
+
 def write_model_card(folder: Path, record: dict) -> Path:
     path = Path(folder) / CARD
     text = model_card(record, name=Path(folder).name)
@@ -163,6 +172,7 @@ def model_card(record: dict, name: str = "guidance") -> str:
              f"{record.get('train_reward_evals', '?')} reward evaluations |",
              f"| effective samples of the tilt weights | {_ess_cell(record.get('weights_ess'))} |",
              f"| steps | {record.get('steps', '?')} (weights kept: step {record.get('best_step', '?')}) |",
+             *_anneal_rows(record.get("anneal")),
              f"| held-out loss | {record.get('held_out_loss')} |",
              f"| calibrated scale | {calibration.get('scale', 1.0)} |",
              f"| tiltgen version | {record.get('tiltgen_version') or tiltgen_version()} |", ""]

@@ -37,7 +37,7 @@ from ...core.reward import Reward, as_reward, reward_name
 from ...core.schedules import Schedule, schedule_from_config
 from ...errors import TiltgenError, check_beta, check_choice
 from .data import (GuidanceData, Pool, build_pool, check_data_size, data_units, generate_data, generate_unit,
-                   join_units, noised_states, split_rows, training_times, weights_ess)
+                   join_units, noised_states, split_rows, training_times)
 from .losses import LOSSES, consistency_loss, tilt_loss
 from .networks import build_network
 from .potential import CondEncoder, GuidancePotential, LearnedGuidance
@@ -188,8 +188,11 @@ class _Run:
 
     def __init__(self, config: TrainConfig, potential: GuidancePotential, pool: Pool, data: GuidanceData,
                  embeddings: Tensor | None, schedule: Schedule, times: Tensor, train_rows: Tensor,
-                 held_rows: Tensor, processes: Processes | None = None):
+                 held_rows: Tensor, processes: Processes | None = None, reference: GuidancePotential | None = None):
         self.config = config
+        # a frozen potential the network is trained relative to (a stage of annealed training):
+        # the loss sees logit - reference logit, so the network itself learns the sum
+        self.reference = reference
         self.processes = processes or Processes()
         if config.batch_size % self.processes.world_size:
             raise TiltgenError(f"batch size {config.batch_size} does not split evenly over "
@@ -238,7 +241,7 @@ class _Run:
         for part in torch.arange(rows.numel()).split(4096):
             r = rows[part]
             emb = self.embeddings[self.data.prompt[r]] if self.embeddings is not None else None
-            logit = self.potential.logit(x_t[part].to(self.potential.dtype), t[part], emb)
+            logit = self._logit(x_t[part].to(self.potential.dtype), t[part], emb)
             total += float(tilt_loss(self.config.loss, logit, self.weights[r].to(logit.dtype))) * r.numel()
         return total / rows.numel()
 
@@ -260,6 +263,22 @@ class _Run:
         # cosine decay to 5% of lr: a stateless schedule, so resuming needs only the step
         return self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / self.config.steps)))
 
+    def _logit(self, x: Tensor, t: Tensor, emb: Tensor | None) -> Tensor:
+        logit = self.potential.logit(x, t, emb)
+        if self.reference is None:
+            return logit
+        with torch.no_grad():
+            ref = self.reference.logit(x, t, emb)
+        return logit - ref
+
+    def _logit_and_shift(self, x: Tensor, t: Tensor, emb: Tensor | None) -> tuple[Tensor, Tensor]:
+        logit, shift = self.potential.logit_and_shift(x, t, emb)
+        if self.reference is None:
+            return logit, shift
+        with torch.no_grad():
+            ref_logit, ref_shift = self.reference.logit_and_shift(x, t, emb)
+        return logit - ref_logit.detach(), shift - ref_shift.detach()
+
     def train_step(self) -> float:
         cfg, pool = self.config, self.pool
         dtype = self.potential.dtype
@@ -272,11 +291,11 @@ class _Run:
             x, t, w, prompt = pool.x_t[idx].to(dtype), pool.t[idx], pool.w[idx].to(dtype), pool.prompt[idx]
         emb = self.embeddings[prompt] if self.embeddings is not None else None
         if cfg.eta > 0:
-            logit, shift = self.potential.logit_and_shift(x, t, emb)
+            logit, shift = self._logit_and_shift(x, t, emb)
             loss = tilt_loss(cfg.loss, logit, w) + cfg.eta * consistency_loss(
                 pool.x0_hat[idx].to(dtype), shift, pool.x0[idx].to(dtype), w, self.potential.s_data)
         else:
-            loss = tilt_loss(cfg.loss, self.potential.logit(x, t, emb), w)
+            loss = tilt_loss(cfg.loss, self._logit(x, t, emb), w)
         if not torch.isfinite(loss):
             raise TiltgenError(f"training loss became non-finite at step {self.step} (lower lr, or raise beta)")
         self.opt.lr = self.lr_at(self.step)
@@ -451,7 +470,8 @@ def _load_saved_data(out: Path, saved: dict, shape: tuple[int, ...]) -> tuple[Gu
     tensors = load_file(str(out / "data.safetensors"))
     meta = saved["data"]
     data = GuidanceData(tensors["x0"], tensors["reward"], tensors["prompt"], tensors.get("states"),
-                        tensors.get("times"), meta["model_evals"], meta["reward_evals"])
+                        tensors.get("times"), meta["model_evals"], meta["reward_evals"],
+                        log_weight=tensors.get("log_weight"))
     if tuple(data.x0.shape[1:]) != shape:
         raise TiltgenError(f"cannot resume: saved samples have shape {tuple(data.x0.shape[1:])}, expected {shape}")
     pool = Pool.from_tensors(tensors, meta["pool_model_evals"]) if "pool.t" in tensors else None
@@ -509,7 +529,8 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
                    cond_encoder: CondEncoder | None = None, out_dir: str | Path | None = None,
                    resume: bool = False, data_from: str | Path | None = None, progress: bool = True,
                    on_step: Callable[[int, float], None] | None = None,
-                   processes: Processes | None = None) -> TrainResult:
+                   processes: Processes | None = None, data: GuidanceData | None = None,
+                   relative_to: LearnedGuidance | None = None) -> TrainResult:
     """Train a guidance network for ``reward`` at ``config.beta`` on samples of ``model``.
 
     ``conditions``: the distinct conditionings (prompts) to train on, each passed as the
@@ -524,8 +545,15 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
     ``processes`` (from ``core.distributed.join_processes``, under torchrun or accelerate launch):
     data generation is split between them, and each step's minibatch too (gradients averaged),
     so N processes run the same optimisation as one; the main process writes the files.
+    ``data``: samples and rewards already generated from ``model`` (no generation).
+    ``relative_to``: a trained guidance the network starts from and is trained relative to (the
+    loss sees its logit minus that network's), so it learns log h_t(x_t) + log E[w | x_t], where
+    ``model`` samples the tilt ``relative_to`` guides to; one stage of :func:`.anneal.train_annealed`.
     """
     processes = processes or Processes()
+    if data is not None and (resume or data_from is not None or processes.distributed):
+        raise TiltgenError("data= (samples already in memory) is for a fresh single-process run: not with resume, "
+                           "data_from or several processes")
     if processes.distributed and out_dir is None:
         raise TiltgenError("training in several processes needs out_dir (they share the data through it)")
     model = as_model(model)
@@ -544,7 +572,9 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
 
     start = time.perf_counter()
     pool: Pool | None = None
-    if saved is not None:
+    if data is not None:
+        data_wall = 0.0
+    elif saved is not None:
         data, pool, data_wall = _load_saved_data(out, saved, shape)  # type: ignore[arg-type]
     elif data_from is not None:
         identity = _data_identity(config, base_model, reward_name(reward), cond_names, shape)
@@ -555,7 +585,7 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
                                             processes, progress), 0.0
     else:
         data, data_wall = _generate(model, schedule, reward, config, shape, conditions, progress), 0.0
-    ess = weights_ess(data.reward, data.prompt, config.beta)
+    ess = data.ess(config.beta)
     _warn_low_ess(ess, config, processes)
     train_rows, held_rows = split_rows(data.prompt, config.val_fraction, config.seed + 4)
     shared_pool = pool is None and processes.distributed and not processes.is_main and not config.fresh_noise
@@ -571,14 +601,21 @@ def train_guidance(model: Model, schedule: Schedule, reward: Reward, config: Tra
 
     s_data = float(data.x0.to(torch.float64).std()) or 1.0
     net_config = dict(config.net or default_net(shape, 0 if embeddings is None else embeddings.shape[1]))
+    reference = None
+    if relative_to is not None:  # start from its network (same architecture and data scale)
+        reference = relative_to.potential
+        net_config, s_data = dict(relative_to.record.get("net") or net_config), reference.s_data
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.manual_seed(config.seed)
         potential = GuidancePotential(build_network(net_config), schedule, s_data, noise_tilt=config.noise_tilt)
+    if reference is not None:
+        potential.net.load_state_dict(reference.net.state_dict())
     if shared_pool:  # the main process built the pool; the others read it
         processes.wait()
         pool = Pool.from_tensors(load_file(str(out / "data.safetensors")),  # type: ignore[operator]
                                  json.loads((out / "config.json").read_text())["data"]["pool_model_evals"])  # type: ignore[operator]
-    run = _Run(config, potential, pool, data, embeddings, schedule, times, train_rows, held_rows, processes)
+    run = _Run(config, potential, pool, data, embeddings, schedule, times, train_rows, held_rows, processes,
+               reference)
     full_config = {"train": config.to_json(), "net": net_config, "schedule": schedule.config(), "s_data": s_data,
                    "shape": list(shape), "prediction": model.prediction, "model": _describe(model),
                    # which base model this network belongs to (checked when it is loaded for sampling)
