@@ -328,6 +328,21 @@ def test_bench_method_reports_training_compute():
     assert rec["train_model_evals"] > 0 and rec["train_reward_evals"] == 200 and rec["train_wall_s"] > 0
 
 
+def test_bench_learned_rows_anneal_where_the_base_weights_are_thin():
+    from tiltgen.eval.analytic_bench import BenchSettings, run_analytic_bench
+
+    settings = BenchSettings(n=100, steps=6, train_steps=20, train_data=200, train_pool=1000)
+    methods = ["learned", "learned-single", "learned-stagesmc-4"]
+    result = run_analytic_bench(["ring2d-farquad-b2"], ["flow"], methods, settings, progress=False)
+    recs = {r["method"]: r for r in result.records}
+    annealed, staged = recs["learned"], recs["learned-stagesmc-4"]
+    # the far quadratic's base weights keep ~0.2 % of the samples effective: the rows take a ladder
+    assert len(annealed["anneal_lambdas"]) >= 2 and annealed["anneal_lambdas"][-1] == pytest.approx(0.5)
+    assert annealed["base_weights_ess"] < 0.1 * 200 and annealed["train_reward_evals"] > 200
+    assert len(staged["anneal_lambdas"]) >= 2
+    assert "anneal_lambdas" not in recs["learned-single"] and recs["learned-single"]["train_reward_evals"] == 200
+
+
 def test_conditions_are_normalised_and_embedded_per_prompt():
     # reward +x for condition +1 and -x for -1: one network must steer both ways
     model, fam = ring_model("flow")

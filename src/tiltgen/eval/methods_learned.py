@@ -12,6 +12,8 @@
                              twist, its drift as the proposal (tilt.particles); records the
                              per-step ESS and the log normalising-constant estimate
 * ``twisted-single-smc-<N>`` the same with the one-stage network
+* ``learned-stagesmc-<N>``   ``learned`` with every later stage's samples drawn by twisted SMC with N
+                             particles, kept with their weights (``stage_particles``)
 
 The network is trained inside the bench on the base model's own samples (separately
 counted: ``train_model_evals``, ``train_reward_evals``, ``train_wall_s`` per run), at the
@@ -54,7 +56,8 @@ def bench_train_config(ctx: MethodContext, loss: str, eta: float) -> TrainConfig
                        checkpoint_every=s.train_steps, seed=s.seed + 1_000_003)
 
 
-def _train(ctx: MethodContext, loss: str, eta: float, anneal: bool = True) -> tuple[Any, float, dict[str, Any]]:
+def _train(ctx: MethodContext, loss: str, eta: float, anneal: bool = True,
+           stage_particles: int = 1) -> tuple[Any, float, dict[str, Any]]:
     """(trained result, its wall time, its record fields) for the case; counted apart from
     ctx.model / ctx.reward so the sampling columns stay per-sample costs."""
     model = CountingModel(ctx.model.model)
@@ -63,7 +66,7 @@ def _train(ctx: MethodContext, loss: str, eta: float, anneal: bool = True) -> tu
     config = bench_train_config(ctx, loss, eta)
     if anneal:
         result = train_annealed(model, ctx.family.schedule, reward, config, shape=(ctx.case.dim,),
-                                ess_fraction=ANNEAL_ESS, progress=False)
+                                ess_fraction=ANNEAL_ESS, stage_particles=stage_particles, progress=False)
     else:
         result = train_guidance(model, ctx.family.schedule, reward, config, shape=(ctx.case.dim,), progress=False)
     setup = time.perf_counter() - tick
@@ -78,8 +81,8 @@ def _train(ctx: MethodContext, loss: str, eta: float, anneal: bool = True) -> tu
 
 
 def run_learned(ctx: MethodContext, loss: str = DEFAULT_LOSS, eta: float = DEFAULT_ETA,
-                anneal: bool = True) -> MethodOutput:
-    result, setup, record = _train(ctx, loss, eta, anneal)
+                anneal: bool = True, stage_particles: int = 1) -> MethodOutput:
+    result, setup, record = _train(ctx, loss, eta, anneal, stage_particles)
     samples = ctx.run_sampler(GuidedModel(ctx.model, ctx.family.schedule, result.guidance))
     return MethodOutput(samples, setup_s=setup, extra=record)
 
@@ -108,3 +111,10 @@ register_method("learned-noconsistency")(lambda ctx: run_learned(ctx, DEFAULT_LO
 register_method("learned-poisson")(lambda ctx: run_learned(ctx, "poisson", DEFAULT_ETA))
 register_method("learned-mse")(lambda ctx: run_learned(ctx, "mse", DEFAULT_ETA))
 register_method("learned-single")(lambda ctx: run_learned(ctx, anneal=False))
+
+
+@register_method_pattern(r"learned-stagesmc-(\d+)", example="learned-stagesmc-<N>")
+def _stage_smc_factory(match: re.Match[str]) -> MethodRunner:
+    """Annealed learned guidance whose later stages train on weighted twisted-SMC particles."""
+    particles = particle_count(match)
+    return lambda ctx: run_learned(ctx, stage_particles=particles)
