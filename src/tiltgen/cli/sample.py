@@ -154,7 +154,7 @@ def prompts_from_args(args: argparse.Namespace) -> list[str]:
 
 def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     """The estimator of ``--method``; records the beta, variant and data variance it really uses in ``args``."""
-    from ..eval.estimators import build_estimator, default_variant
+    from ..eval.estimators import build_estimator, default_data_var, default_variant
 
     args.variant = args.variant or ("plain" if args.method == "tweedie" else default_variant(model))
     estimator, args.beta = build_estimator(model, args.method, reward, args.beta, guidance=args.guidance,
@@ -164,8 +164,7 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     if args.method != "unguided":
         args.scale = float(getattr(estimator, "scale", 1.0 if args.scale is None else args.scale))
     if args.method == "trainingfree" and args.data_var is None:  # the model folder's, else 1
-        var = estimator.data_var
-        args.data_var = var if isinstance(var, float) else [float(v) for v in var.flatten()]
+        args.data_var = default_data_var(model)
     return estimator
 
 

@@ -216,10 +216,9 @@ class TrainingFreeGuidance:
         if self.cov_basis.shape[0] != dim:
             raise TiltgenError(f"data_cov is {self.cov_basis.shape[0]}x{self.cov_basis.shape[0]} but one sample has "
                                f"{dim} elements (shape {tuple(x0.shape[1:])})")
-        c = coefficients(self.schedule, t, x0)
-        alpha2, sigma2 = c.alpha.reshape(-1, 1) ** 2, c.sigma.reshape(-1, 1) ** 2
-        lam = self.cov_eigenvalues.to(dtype=x0.dtype, device=x0.device)
-        nu = lam * sigma2 / (alpha2 * lam + sigma2)
+        # the same formula on the covariance's eigenvalues: [N or 1, D] against flattened samples
+        nu = posterior_variance(self.schedule, t, x0.flatten(1),
+                                self.cov_eigenvalues.to(dtype=x0.dtype, device=x0.device))
         return ProxyPosterior(nu, self.cov_basis.to(dtype=x0.dtype, device=x0.device))
 
     def x0_shift(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tensor:

@@ -35,10 +35,10 @@ from ...core.schedules import Schedule
 from ...errors import TiltgenError
 from ..base import GuidedModel
 from ..particles import smc_sample
-from .data import GuidanceData, generate_data, weights_ess
+from .data import GuidanceData, weights_ess
 from .potential import CondEncoder, LearnedGuidance
 from .pretrained import save_pretrained
-from .train import _DTYPES, TrainConfig, TrainResult, load_guidance, train_guidance
+from .train import _DTYPES, TrainConfig, TrainResult, _generate, load_guidance, train_guidance
 
 _STAGE_SEED = 7_919  # seed offset between stages (fresh sampler noise, minibatches and pool)
 _CHUNK = 4096  # particles per SMC call when drawing a stage's data
@@ -122,7 +122,8 @@ def train_annealed(model: Model, schedule: Schedule, reward: Reward, config: Tra
                     data = _smc_stage_data(model, schedule, reward, guidance, lam, config, shape, conditions, seed,
                                            stage_particles, progress)
                 else:
-                    data = _stage_data(sample_model, schedule, reward, config, shape, conditions, seed, progress)
+                    data = _generate(sample_model, schedule, reward, replace(config, seed=seed), shape, conditions,
+                                     progress)
                 lam_next = lam_target if k == max_stages - 1 else next_lambda(
                     data.reward, data.prompt, lam, lam_target, ess_fraction, data.log_weight)
                 stage = {"lambda": lam_next, "beta": 1.0 / lam_next, "done": False,
@@ -183,14 +184,6 @@ def _write_ladder(out: Path | None, ladder: dict) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / _LADDER, ladder)
-
-
-def _stage_data(model: Model, schedule: Schedule, reward: Reward, config: TrainConfig, shape: Sequence[int],
-                conditions: Sequence[Any] | None, seed: int, progress: bool) -> GuidanceData:
-    return generate_data(model, schedule, reward, shape=shape, n=config.n_data, conditions=conditions,
-                         sampler=config.sampler, steps=config.data_steps, spacing=config.spacing, seed=seed,
-                         trajectory=config.trajectory, dtype=_DTYPES[config.data_dtype], progress=progress)
-
 
 
 def _smc_stage_data(model: Model, schedule: Schedule, reward: Reward, guidance: LearnedGuidance, lam: float,
