@@ -109,3 +109,23 @@ def test_sample_per_channel_data_var(sd_dir, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(common + ["--data-var", bad, "--out", str(tmp_path / "c")])
         assert "--data-var" in capsys.readouterr().err
+
+
+def test_sample_with_a_sample_bank(sd_dir, tmp_path, capsys):
+    """--bank M: training-free guidance over M unguided samples per prompt, drawn first and recorded;
+    the banks are each prompt's own, so the images equal those of each prompt sampled alone."""
+    common = ["sample", "--model", str(sd_dir), "--n", "2", "--reward", "brightness", "--method", "trainingfree",
+              "--beta", "0.05", "--steps", "2", "--cfg", "1", "--height", "16", "--width", "16", "--no-progress",
+              "--bank", "4", "--batch-size", "3"]
+    assert main(common + ["--prompt", "a cat", "--prompt", "a dog", "--out", str(tmp_path / "both")]) == 0
+    record = json.loads((tmp_path / "both" / "sample.json").read_text())
+    assert record["bank"] == 4 and record["job"]["bank"] == 4
+    assert main(common + ["--prompt", "a dog", "--seed", "1000000", "--out", str(tmp_path / "dog")]) == 0
+    alone = json.loads((tmp_path / "dog" / "sample.json").read_text())
+    assert [s["reward"] for s in record["samples"][2:]] == pytest.approx([s["reward"] for s in alone["samples"]],
+                                                                          abs=1e-6)
+    assert main(common + ["--prompt", "a cat", "--out", str(tmp_path / "plain"), "--bank", "0"]) == 2
+    assert "--bank needs at least 2" in capsys.readouterr().err
+    assert main(["sample", "--model", str(sd_dir), "--prompt", "x", "--method", "tweedie", "--reward", "brightness",
+                 "--bank", "8", "--out", str(tmp_path / "t")]) == 2
+    assert "--bank is a prior of training-free guidance" in capsys.readouterr().err

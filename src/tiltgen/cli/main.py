@@ -282,9 +282,11 @@ def _demo(args: argparse.Namespace) -> int:
         raise TiltgenError(f"--best-of must be >= 1, got {args.best_of}")
     if args.particles < 1:
         raise TiltgenError(f"--particles must be >= 1, got {args.particles}")
+    if args.bank < 2:
+        raise TiltgenError(f"--bank needs at least 2 images per prompt, got {args.bank}")
     settings = DemoSettings(prompts=prompts, prompt_set=prompt_set, n=args.n, beta=args.beta, seed=args.seed,
                             rows=parse_rows(args.rows), timing_repeats=args.timing_repeats, best_of=args.best_of,
-                            particles=args.particles)
+                            particles=args.particles, bank=args.bank)
     out = writable_dir(Path(args.out) if args.out else fresh_output_dir())
     start = time.perf_counter()
     results = run_demo(settings, progress=not args.no_progress)
@@ -345,6 +347,9 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--best-of", type=int, help="N of best-of-N (default: matched to the costliest guided row)")
     demo.add_argument("--particles", type=int, default=4,
                       help="particles per image of the twisted-SMC rows (diffusion:twisted-binary), default 4")
+    demo.add_argument("--bank", type=int, default=32,
+                      help="unguided images per prompt in the sample bank of the flow:trainingfree-bank row "
+                           "(drawn, and timed, inside that row), default 32")
     demo.add_argument("--timing-repeats", type=int, default=2,
                       help="interleaved timing repeats; wall ratios use the fastest (default 2)")
     demo.add_argument("--no-progress", action="store_true")

@@ -63,6 +63,10 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--data-var", type=data_variance, default=None,
                    help="--method trainingfree: the latents' data variance, one number or one per latent channel "
                         "(comma-separated; default: the model's tiltgen.json, else 1)")
+    p.add_argument("--bank", type=int, default=None, metavar="M",
+                   help="--method trainingfree: a prior from M unguided samples of each prompt (its sample bank; "
+                        "costs M unguided images per prompt, drawn first), so guidance can move images between "
+                        "modes the Gaussian proxy cannot reach")
     p.add_argument("--variant", default=None,
                    help="--method trainingfree: bounded, linear, newton or snis (default: the model's tiltgen.json "
                         "'trainingfree_variant', else bounded); --method tweedie: plain (default) or damped "
@@ -152,7 +156,7 @@ def prompts_from_args(args: argparse.Namespace) -> list[str]:
     return [row.prompt for row in prompt_rows_from_args(args)]
 
 
-def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
+def _estimator(args: argparse.Namespace, model: Any, reward: Any, bank: Any = None) -> Any:
     """The estimator of ``--method``; records the beta, variant and data variance it really uses in ``args``."""
     from ..eval.estimators import build_estimator, default_data_var, default_variant
 
@@ -160,7 +164,7 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any) -> Any:
     estimator, args.beta = build_estimator(model, args.method, reward, args.beta, guidance=args.guidance,
                                            scale=args.scale, t_window=tuple(args.t_window) if args.t_window else None,
                                            data_var=args.data_var, variant=args.variant, seed=args.seed,
-                                           force_guidance=args.force_guidance, cache_dir=args.cache_dir)
+                                           force_guidance=args.force_guidance, cache_dir=args.cache_dir, bank=bank)
     if args.method != "unguided":
         args.scale = float(getattr(estimator, "scale", 1.0 if args.scale is None else args.scale))
     if args.method == "trainingfree" and args.data_var is None:  # the model folder's, else 1
@@ -175,6 +179,10 @@ def _check_args(args: argparse.Namespace) -> list[PromptRow]:
         raise TiltgenError(f"--method {args.method} needs --reward")
     if args.method == "learned" and not args.guidance:
         raise TiltgenError("--method learned needs --guidance PATH (a folder written by train-guidance)")
+    if args.bank is not None and args.method != "trainingfree":
+        raise TiltgenError(f"--bank is a prior of training-free guidance; --method {args.method} does not use it")
+    if args.bank is not None and args.bank < 2:
+        raise TiltgenError(f"--bank needs at least 2 samples per prompt, got {args.bank}")
     for name in ("n", "batch_size", "steps", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -220,7 +228,7 @@ def score_images(reward: Any, held_out: dict[str, Any], images: Any, prompts: li
 
 # settings that change the images or their scores; a rerun into the same --out must match them
 JOB_KEYS = ("model", "method", "reward", "eval_reward", "beta", "scale", "t_window", "guidance", "data_var", "variant",
-            "steps", "cfg", "true_cfg", "sampler", "height", "width", "n", "seed", "dtype", "negative_prompt",
+            "bank", "steps", "cfg", "true_cfg", "sampler", "height", "width", "n", "seed", "dtype", "negative_prompt",
             "max_sequence_length")
 
 
@@ -282,7 +290,16 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
         extra["true_cfg_scale"] = args.true_cfg
     steps = args.steps or backend.default_steps
     sampler = args.sampler or "ddim"
-    estimator = _estimator(args, model, reward)
+    banks = None
+    if args.bank:
+        from ..core.prompts import image_seed
+        from ..eval.estimators import build_banks
+
+        banks = build_banks(model, reward, [(row.prompt, row.negative_prompt or args.negative_prompt,
+                                             image_seed(args.seed, p, 0, row.seed)) for p, row in enumerate(rows)],
+                            args.bank, steps=steps, sampler=sampler, batch_size=args.batch_size,
+                            progress=not args.no_progress and processes.is_main, guidance_scale=args.cfg, **extra)
+    estimator = _estimator(args, model, reward, banks)
     shared: dict[str, Any] = {}
 
     def sample(chunk: list) -> Any:
@@ -326,7 +343,8 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
         "true_cfg": args.true_cfg, "negative_prompt": args.negative_prompt, "data_var": args.data_var,
         "dtype": args.dtype, **memory_kwargs(args),
         "method": args.method, "reward": args.reward, "beta": args.beta, "scale": args.scale,
-        "t_window": args.t_window, "guidance": args.guidance, "variant": args.variant, "seed": args.seed,
+        "t_window": args.t_window, "guidance": args.guidance, "variant": args.variant, "bank": args.bank,
+        "seed": args.seed,
         "eval_reward": args.eval_reward, "n_per_prompt": args.n, "device": processes.device,
         "processes": processes.world_size, "batch_size": args.batch_size, "wall_s": wall,
         "images_made": job.made_images, "images_resumed": job.resumed_images,

@@ -305,18 +305,19 @@ def format_markdown(records: Sequence[dict[str, Any]]) -> str:
 
     ED/floor: energy distance over the exact-vs-exact floor; ED/unguided: the fraction of
     the unguided sampler's distance left; reward gap: |reward - reward*| over
-    |reward* - unguided reward|; train: model evals / reward evals / seconds of training.
+    |reward* - unguided reward|; train / setup: model evals / reward evals / seconds of training
+    (learned guidance) or of the one-off setup (training-free guidance's sample bank).
     """
     unguided = {(r["case"], r["family"]): r for r in records if r["method"] == "unguided"}
     lines = ["| case | family | method | energy dist. | ED/floor | ED/unguided | reward (exact) | reward gap | "
-             "mode err. | model / reward / grad evals | wall ratio | train |",
+             "mode err. | model / reward / grad evals | wall ratio | train / setup |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in records:
         u = unguided.get((r["case"], r["family"]))
         ed_u = f"{r['energy_distance'] / u['energy_distance']:.4f}" if u else "—"
         gap = f"{abs(r['reward_mean'] - r['reward_exact']) / abs(r['reward_exact'] - u['reward_mean']):.1%}" if u else "—"
-        train = (f"{r['train_model_evals']:,} / {r['train_reward_evals']:,} / {r['train_wall_s']:.1f} s"
-                 if "train_wall_s" in r else "—")
+        train = next((f"{r[k + '_model_evals']:,} / {r[k + '_reward_evals']:,} / {r[k + '_wall_s']:.1f} s"
+                      for k in ("train", "setup") if k + "_wall_s" in r), "—")
         lines.append(f"| {r['case']} | {r['family']} | {r['method']} | {r['energy_distance']:.4f} | "
                      f"{r['energy_distance'] / r['energy_floor']:.2f} | {ed_u} | {r['reward_mean']:.3f} "
                      f"({r['reward_exact']:.3f}) | {gap} | {r['mode_weight_error']:.3f} | {r['model_evals']:g} / "

@@ -12,13 +12,14 @@ from ..errors import TiltgenError
 
 METHODS = ("unguided", "tweedie", "trainingfree", "learned")
 DEFAULT_BETA = 0.1
+BANK_SEED_OFFSET = 500_000  # bank sample j of a prompt uses the seed of its image BANK_SEED_OFFSET + j
 
 
 def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *, guidance: str | None = None,
                     scale: float | None = None, t_window: tuple[float, float] | None = None,
                     data_var: float | Sequence[float] | None = None,
                     variant: str | None = None, seed: int = 0, force_guidance: bool = False,
-                    cache_dir: str | None = None) -> tuple[Any, float | None]:
+                    cache_dir: str | None = None, bank: Any = None) -> tuple[Any, float | None]:
     """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a diffusers
     LatentModel). ``learned`` loads ``guidance`` (a folder or ``builtin:<name>``), refuses a
     network trained for another base model and tilts at the network's own beta: a different
@@ -29,7 +30,10 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     (the damped plug-in, tilt/tweedie.py). ``scale`` multiplies the guidance term: default 1, and for
     ``learned`` the network's calibrated scale when it has one (``tiltgen calibrate-guidance``).
     ``guidance`` may also be a hub id in the local cache (``cache_dir``); ``force_guidance`` loads a
-    network trained for another base model with a warning instead of refusing it."""
+    network trained for another base model with a warning instead of refusing it. ``bank``
+    (``trainingfree`` only): per-prompt sample banks from :func:`build_banks`."""
+    if bank is not None and method != "trainingfree":
+        raise TiltgenError(f"a sample bank is a prior of training-free guidance; --method {method} does not use one")
     if method == "unguided":
         return None, beta
     if method == "learned":
@@ -55,7 +59,52 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     return TrainingFreeGuidance(latent_reward, beta, model.schedule, data_var=latent_data_var(data_var, model),
                                 variant=variant,
                                 scale=1.0 if scale is None else scale,
-                                t_window=t_window, seed=seed), beta
+                                t_window=t_window, seed=seed, bank=bank), beta
+
+
+def build_banks(model: Any, reward: Any, prompts: Sequence[tuple[Any, str | None, int]], size: int, *,
+                steps: int | None = None, sampler: str = "ddim", batch_size: int = 8, progress: bool = False,
+                sampling_model: Any = None, **encode: Any) -> dict[str, Any]:
+    """One :class:`~tiltgen.tilt.bank.SampleBank` per distinct prompt: ``size`` unguided latents of
+    ``model`` (a diffusers LatentModel) for it, scored by ``reward`` through the decoder.
+
+    ``prompts`` holds (prompt, negative prompt or None, first seed): sample j of the bank uses
+    seed first_seed + BANK_SEED_OFFSET + j, so it never repeats an image's seed (< BANK_SEED_OFFSET
+    images per prompt). ``encode`` (e.g. guidance_scale) goes to ``model.encode``, as for the images:
+    the bank must come from the distribution being guided. Each bank costs ``size`` unguided samples
+    (drawn through ``sampling_model`` when given, e.g. a counting wrapper of ``model``)."""
+    from tqdm.auto import tqdm
+
+    from ..tilt.bank import SampleBank, score_samples
+
+    if size < 2:
+        raise TiltgenError(f"a sample bank needs at least 2 samples, got --bank {size}")
+    firsts: dict[str, tuple[Any, str | None, int]] = {}
+    for prompt, negative, seed in prompts:
+        key = str(prompt)
+        if key in firsts and firsts[key][1] != negative:
+            raise TiltgenError(f"the prompt {key!r} appears with two negative prompts ({firsts[key][1]!r}, "
+                               f"{negative!r}); a sample bank is per prompt: give each prompt one negative prompt")
+        firsts.setdefault(key, (prompt, negative, seed))
+    latent_reward = model.latent_reward(reward)
+    steps = steps or model.backend.default_steps
+    banks: dict[str, Any] = {}
+    for key, (prompt, negative, seed) in tqdm(firsts.items(), desc="sample banks", disable=not progress):
+        seeds = [seed + BANK_SEED_OFFSET + j for j in range(size)]
+        latents, values, grads = [], [], []
+        for start in range(0, size, batch_size):
+            chunk = seeds[start:start + batch_size]
+            cond = model.encode([prompt] * len(chunk), None if negative is None else [negative] * len(chunk),
+                                **encode)
+            x0 = model.sample(cond, seeds=chunk, steps=steps, sampler=sampler, decode=False,
+                              model=sampling_model).latents
+            value, grad = score_samples(x0, latent_reward, cond)
+            latents.append(x0)
+            values.append(value)
+            grads.append(grad)
+        banks[key] = SampleBank(torch.cat(latents), torch.cat(values),
+                                None if grads[0] is None else torch.cat(grads))
+    return banks
 
 
 def latent_data_var(data_var: float | Sequence[float], model: Any) -> float | Tensor:

@@ -1,6 +1,9 @@
 """Benchmark methods of training-free guidance and particle samplers (issue: training-free).
 
 * ``trainingfree`` (default grid) and ``trainingfree-<variant>``: :class:`TrainingFreeGuidance`.
+* ``trainingfree-bank`` (default grid) and ``trainingfree-bank-<variant>``: the same with a
+  :class:`SampleBank` of ``BANK_SIZE`` unguided base samples as its prior; drawing and scoring
+  the bank is setup (``setup_*`` fields), like training for learned guidance.
 * ``tweedie-damped`` (default grid): the damped plug-in baseline (:class:`TweedieGuidance` with
   ``damping``), also a drift for the particle methods.
 * ``exact-ddpm``: the exact tilt sampled with SMC's sampler and steps, the floor of the SMC rows.
@@ -23,15 +26,19 @@ more particles converged to the tilt of that less accurate distribution. ``Bench
 from __future__ import annotations
 
 import re
-from typing import Callable
+import time
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ..backends.gaussian_mixture import GaussianMixture
+from ..core.model import CountingModel
+from ..core.reward import CountingReward
 from ..core.samplers import evals_per_sample
 from ..errors import TiltgenError
 from ..tilt import ExactGuidance, GuidanceEstimator, GuidedModel, TweedieGuidance
+from ..tilt.bank import SampleBank
 from ..tilt.particles import ParticleResult, best_of_n, smc_sample
 from ..tilt.training_free import VARIANTS, TrainingFreeGuidance
 from .analytic_bench import MethodContext, MethodOutput, MethodRunner, register_method, register_method_pattern
@@ -39,6 +46,8 @@ from .analytic_bench import MethodContext, MethodOutput, MethodRunner, register_
 DEFAULT_VARIANT = "bounded"  # chosen by the analytic benchmark (docs/training-free-guidance.md)
 MAX_PARTICLES = 1 << 16  # particles per batch: bounds memory for n = 4000, N = 64
 SMC_SAMPLER = "ddpm"
+BANK_SIZE = 4096  # unguided base samples in training-free guidance's sample bank
+BANK_SEED = 2_000_003  # offset of the bank's seeds from the bench's (disjoint from every method's)
 
 DriftFactory = Callable[[MethodContext], GuidanceEstimator]
 DRIFTS: dict[str, DriftFactory] = {}
@@ -93,7 +102,34 @@ def _guided_runner(drift: str) -> MethodRunner:
     return run
 
 
+def build_bank(ctx: MethodContext, size: int = BANK_SIZE) -> tuple[SampleBank, dict[str, Any]]:
+    """``size`` unguided samples of the case's base model (the bench's sampler, seeds apart from
+    the bench's) scored by its reward: the bank and its setup cost, counted apart from ctx's
+    counters so the sampling columns stay per-sample costs."""
+    model, reward = CountingModel(ctx.model.model), CountingReward(ctx.reward.reward)
+    tick = time.perf_counter()
+    seeds = range(ctx.settings.seed + BANK_SEED, ctx.settings.seed + BANK_SEED + size)
+    x0 = ctx._sample(model, list(seeds))
+    bank = SampleBank.from_samples(x0, reward)
+    return bank, {"bank_size": size, "setup_model_evals": model.sample_evals, "setup_reward_evals": reward.evals,
+                  "setup_wall_s": time.perf_counter() - tick}
+
+
+def _bank_runner(variant: str) -> MethodRunner:
+    def run(ctx: MethodContext) -> MethodOutput:
+        bank, record = build_bank(ctx)
+        estimator = TrainingFreeGuidance(ctx.reward, ctx.beta, ctx.family.schedule,
+                                         data_cov=data_covariance(ctx.case.base), variant=variant, bank=bank)
+        samples = ctx.run_sampler(GuidedModel(ctx.model, ctx.family.schedule, estimator))
+        return MethodOutput(samples, record, setup_s=record["setup_wall_s"])
+
+    return run
+
+
 register_method("trainingfree", default=True)(_guided_runner("trainingfree"))
+register_method("trainingfree-bank", default=True)(_bank_runner(DEFAULT_VARIANT))
+for _variant in VARIANTS:
+    register_method(f"trainingfree-bank-{_variant}")(_bank_runner(_variant))
 # the damped plug-in of arXiv 2606.02884 (tilt/tweedie.py): the baseline training-free is held to
 register_method("tweedie-damped", default=True)(_guided_runner("tweedie-damped"))
 for _variant in VARIANTS:

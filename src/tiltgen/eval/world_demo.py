@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core.model import CountingModel
 from ..errors import TiltgenError
 from ..tilt.base import GuidedModel
-from .estimators import build_estimator, default_data_var, default_variant
+from .estimators import build_banks, build_estimator, default_data_var, default_variant
 
 TARGET_REWARD = "world-proxy"
 GOLD_REWARD = "world-gold"
@@ -37,7 +37,7 @@ MODELS = {"diffusion": "builtin:world-diffusion", "onestep": "builtin:world-ones
 METHODS: dict[str, tuple[str, ...]] = {
     "diffusion": ("unguided", "tweedie", "learned", "learned-binary", "twisted-binary", "smc-binary", "bestofn"),
     "onestep": ("unguided", "learned", "bestofn"),
-    "flow": ("unguided", "trainingfree", "tweedie", "bestofn"),
+    "flow": ("unguided", "trainingfree", "trainingfree-bank", "tweedie", "bestofn"),
 }
 GUIDANCE = {("diffusion", "learned"): "builtin:guidance-diffusion-proxy",
             ("onestep", "learned"): "builtin:guidance-onestep-proxy",
@@ -65,6 +65,7 @@ class DemoSettings:
     timing_repeats: int = 2
     best_of: int | None = None  # None: matched to the costliest guided row of the same model
     particles: int = 4  # particles per image of the twisted-SMC rows
+    bank: int = 32  # unguided samples per prompt in the trainingfree-bank row's sample bank
 
 
 @dataclass
@@ -119,6 +120,26 @@ def _guided_runner(model: Any, method: str, name: str, settings: DemoSettings, r
         return model.sample(cond, seeds=_seeds(settings), steps=steps, model=wrapped).images
 
     return run, counter, beta, getattr(estimator, "scale", None)
+
+
+def _bank_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
+                 ) -> tuple[Callable[[], Tensor], CountingModel, float | None, float | None]:
+    """Training-free guidance over a sample bank of ``settings.bank`` unguided images per prompt,
+    drawn inside the timed run and through the row's counter: the row pays for its bank."""
+    prompts = [p for p in settings.prompts for _ in range(settings.n)]
+    cond = model.encode(prompts)
+    counter = CountingModel(model)
+    steps = model.backend.default_steps
+
+    def run() -> Tensor:
+        counter.calls = counter.sample_evals = 0
+        banks = build_banks(model, reward, [(p, None, settings.seed) for p in settings.prompts], settings.bank,
+                            steps=steps, batch_size=max(settings.n, 8), sampling_model=counter)
+        estimator, _ = build_estimator(model, "trainingfree", reward, settings.beta, bank=banks)
+        return model.sample(cond, seeds=_seeds(settings), steps=steps,
+                            model=GuidedModel(counter, model.schedule, estimator)).images
+
+    return run, counter, settings.beta, 1.0
 
 
 def _smc_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
@@ -199,7 +220,8 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
     meta: dict[str, tuple[CountingModel, float | None, float | None]] = {}
     for method in ["unguided"] + [m for m in methods if m not in ("unguided", "bestofn")]:
         reward = rewards["binary" if method.endswith("-binary") else "target"]
-        make = _smc_runner if method in PARTICLE_ROWS else _guided_runner
+        make = _smc_runner if method in PARTICLE_ROWS else _bank_runner if method == "trainingfree-bank" \
+            else _guided_runner
         run, counter, beta, scale = make(model, method, name, settings, reward)
         runners[method], meta[method] = run, (counter, beta, scale)
     images, walls = _time_rows(runners, settings.timing_repeats)
@@ -213,8 +235,11 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
             results[m].extra["scale"] = meta[m][2]
         if m in PARTICLE_ROWS:
             results[m].extra.update(particles=settings.particles, smc=PARTICLE_ROWS[m])
-    if "trainingfree" in results:
-        results["trainingfree"].extra.update(variant=default_variant(model), data_var=default_data_var(model))
+    for m in ("trainingfree", "trainingfree-bank"):
+        if m in results:
+            results[m].extra.update(variant=default_variant(model), data_var=default_data_var(model))
+    if "trainingfree-bank" in results:
+        results["trainingfree-bank"].extra["bank"] = settings.bank
     if "bestofn" in methods:
         base = min(walls["unguided"])
         best_of = settings.best_of or max(2, round(max([min(w) / base for m, w in walls.items() if m != "unguided"],
@@ -243,6 +268,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> list[RowResult]:
         raise TiltgenError(f"timing repeats must be >= 1, got {settings.timing_repeats}")
     if settings.particles < 1:
         raise TiltgenError(f"particles must be >= 1, got {settings.particles}")
+    if settings.bank < 2:
+        raise TiltgenError(f"the sample bank needs at least 2 images per prompt, got {settings.bank}")
     rows = list(settings.rows) or parse_rows(None)
     from ..world import parse_caption
 

@@ -14,5 +14,6 @@ __all__ += ["LearnedGuidance", "TrainConfig", "load_guidance", "train_guidance"]
 
 from .particles import ParticleResult, best_of_n, smc_sample  # noqa: E402  (issue 4)
 from .training_free import TrainingFreeGuidance  # noqa: E402  (issue 4)
+from .bank import SampleBank  # noqa: E402
 
-__all__ += ["ParticleResult", "best_of_n", "smc_sample", "TrainingFreeGuidance"]
+__all__ += ["ParticleResult", "best_of_n", "smc_sample", "TrainingFreeGuidance", "SampleBank"]

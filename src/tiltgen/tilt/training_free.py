@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ from ..core.conversions import coefficients
 from ..core.reward import Reward, as_reward, evaluate_reward, reward_gradient, reward_name
 from ..core.schedules import Schedule
 from ..errors import TiltgenError, check_beta, check_choice
+from .bank import DEFAULT_BANDWIDTH, SampleBank, bank_posterior
 from .base import check_window, in_window, per_sample_dot
 from .decomposition import Tilt
 
@@ -176,13 +177,22 @@ class TrainingFreeGuidance:
     chosen by the analytic benchmark), ``linear``, ``newton`` (``cg_steps`` extra reward
     gradients per call), ``snis`` (``draws`` reward values per sample per call, no gradient).
     ``scale`` multiplies the shift; ``t_window`` restricts guidance to t in [lo, hi].
+
+    ``bank`` (a :class:`~tiltgen.tilt.bank.SampleBank` of unguided samples of the base model
+    for the condition being sampled, or a mapping prompt -> SampleBank for prompt-conditional
+    models, each row then using its own prompt's bank) replaces the Gaussian prior by the samples' kernel density
+    with kernel h^2 S, h = ``bandwidth`` * M^(-1/(D+4)): the proxy posterior becomes a mixture
+    whose components the tilt reweights, so guidance can move samples between modes
+    (tilt/bank.py; docs/training-free-guidance.md, "A sample bank").
     """
 
     needs_model_grad = False
 
     def __init__(self, reward: Reward, beta: float, schedule: Schedule, *, data_var: float | Tensor | None = None,
                  data_cov: Tensor | None = None, variant: str = "bounded", scale: float = 1.0,
-                 t_window: tuple[float, float] | None = None, cg_steps: int = 2, draws: int = 16, seed: int = 0):
+                 t_window: tuple[float, float] | None = None, cg_steps: int = 2, draws: int = 16, seed: int = 0,
+                 bank: SampleBank | Mapping[str, SampleBank] | None = None,
+                 bandwidth: float = DEFAULT_BANDWIDTH):
         self.reward = as_reward(reward)
         self.variant = check_choice("training-free variant", variant, VARIANTS)
         if variant != "snis" and not self.reward.differentiable:
@@ -203,6 +213,17 @@ class TrainingFreeGuidance:
         self.cg_steps = int(cg_steps)
         self.draws = int(draws)
         self.seed = int(seed)
+        banks = bank.values() if isinstance(bank, Mapping) else [] if bank is None else [bank]
+        if isinstance(bank, Mapping) and not bank:
+            raise TiltgenError("bank is an empty mapping: give one SampleBank per prompt")
+        for one in banks:
+            if not isinstance(one, SampleBank):
+                raise TiltgenError(f"bank must be a SampleBank (SampleBank.from_samples(x0, reward)) or a mapping "
+                                   f"prompt -> SampleBank, got {type(one).__name__}")
+        if not bandwidth > 0 or not math.isfinite(bandwidth):
+            raise TiltgenError(f"bandwidth must be finite and > 0, got {bandwidth}")
+        self.bank = bank
+        self.bandwidth = float(bandwidth)
 
     def posterior(self, t: Tensor, x0: Tensor) -> ProxyPosterior:
         """C_t for the batch ``x0`` [N, ...] at times ``t``."""
@@ -224,7 +245,28 @@ class TrainingFreeGuidance:
     def x0_shift(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tensor:
         """The estimated E*[x0 | x_t] - E[x0 | x_t]  [N, ...]."""
         x0 = x0_hat.detach()
-        post = self.posterior(t, x0)
+        if self.bank is None:
+            return self._variant_shift(x0, cond, self.posterior(t, x0))
+        if isinstance(self.bank, SampleBank):
+            return self._banked_shift(self.bank, x_t, t, cond, x0)
+        shift = torch.empty_like(x0)
+        t = t.expand(x0.shape[0]) if t.ndim else t.reshape(1).expand(x0.shape[0])
+        for prompt, rows in _rows_by_prompt(cond, x0.shape[0]).items():
+            if prompt not in self.bank:
+                known = ", ".join(repr(p) for p in list(self.bank)[:5])
+                raise TiltgenError(f"no sample bank for the prompt {prompt!r} (banks for: {known}"
+                                   f"{', ...' if len(self.bank) > 5 else ''})")
+            index = torch.as_tensor(rows, dtype=torch.long, device=x0.device)
+            shift[index] = self._banked_shift(self.bank[prompt], x_t[index], t[index], _select_cond(cond, rows),
+                                              x0[index])
+        return shift
+
+    def _banked_shift(self, bank: SampleBank, x_t: Tensor, t: Tensor, cond: Any, x0: Tensor) -> Tensor:
+        post, between = self._bank_posterior(bank, x_t, t, x0)
+        return between + self._variant_shift(x0, cond, post)
+
+    def _variant_shift(self, x0: Tensor, cond: Any, post: ProxyPosterior) -> Tensor:
+        """The tilt of the Gaussian proxy N(x0, C_t) under this variant  [N, ...]."""
         if self.variant == "linear":
             return post.apply(reward_gradient(self.reward, x0, cond)) / self.beta
         if self.variant == "bounded":
@@ -234,6 +276,28 @@ class TrainingFreeGuidance:
         z = _draws(self.draws, tuple(x0.shape[1:]), x0.dtype, x0.device, self.seed)
         return _snis_shift(self.reward, x0, cond, post, self.beta, z)
 
+    def _bank_posterior(self, bank: SampleBank, x_t: Tensor, t: Tensor, x0: Tensor) -> tuple[ProxyPosterior, Tensor]:
+        """The bank's component covariance C_t (as a proxy posterior) and its between-component shift."""
+        shape = tuple(x0.shape[1:])
+        if tuple(bank.x0.shape[1:]) != shape:
+            raise TiltgenError(f"the sample bank holds samples of shape {tuple(bank.x0.shape[1:])}, but the model's "
+                               f"samples have shape {shape}")
+        if self.cov_basis is None:
+            data_var = self.data_var
+            if isinstance(data_var, Tensor):
+                _check_broadcast(data_var, x0)
+            eigenvalues = torch.as_tensor(data_var, dtype=torch.float64).expand(shape).flatten()
+            basis = None
+        else:
+            eigenvalues, basis = self.cov_eigenvalues, self.cov_basis
+            if basis.shape[0] != x0[0].numel():
+                raise TiltgenError(f"data_cov is {basis.shape[0]}x{basis.shape[0]} but one sample has "
+                                   f"{x0[0].numel()} elements (shape {shape})")
+        out = bank_posterior(bank, x_t, t, self.schedule, eigenvalues, basis, self.beta, self.bandwidth)
+        if basis is None:
+            return ProxyPosterior(out.within.reshape((-1,) + shape)), out.between
+        return ProxyPosterior(out.within, basis.to(dtype=x0.dtype, device=x0.device)), out.between
+
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tilt:
         keep = in_window(t, self.t_window)
         if keep is not None and not bool(keep.any()):
@@ -241,6 +305,37 @@ class TrainingFreeGuidance:
         shift = self.x0_shift(x_t, t, cond, x0_hat)
         tilt = Tilt(x0_shift=shift if self.scale == 1.0 else shift * self.scale)
         return tilt if keep is None else tilt.masked(keep)
+
+
+def _row_prompts(cond: Any, n: int) -> list[str]:
+    """The prompt of each of the n rows: from a condition's ``prompts``, a list of strings or one string."""
+    prompts = getattr(cond, "prompts", cond)
+    if isinstance(prompts, str):
+        return [prompts] * n
+    if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):
+        if len(prompts) == n:
+            return list(prompts)
+        if len(prompts) == 1:
+            return list(prompts) * n
+        raise TiltgenError(f"{len(prompts)} prompts for {n} samples")
+    raise TiltgenError("per-prompt sample banks need prompts as the condition (a string, a list of strings, "
+                       f"or a condition with .prompts), got {type(cond).__name__}")
+
+
+def _rows_by_prompt(cond: Any, n: int) -> dict[str, list[int]]:
+    rows: dict[str, list[int]] = {}
+    for i, prompt in enumerate(_row_prompts(cond, n)):
+        rows.setdefault(prompt, []).append(i)
+    return rows
+
+
+def _select_cond(cond: Any, rows: list[int]) -> Any:
+    """The condition of the rows ``rows``: ``select`` of a condition object, a sub-list, or as it is."""
+    if hasattr(cond, "select"):
+        return cond.select(rows)
+    if isinstance(cond, (list, tuple)) and len(cond) > 1:
+        return [cond[i] for i in rows]
+    return cond
 
 
 def _check_data_var(data_var: float | Tensor) -> float | Tensor:
