@@ -176,3 +176,26 @@ def test_bad_calls_get_clear_errors():
     with pytest.raises(TiltgenError, match="call the pipeline with prompt=..."):
         guided(prompt_embeds=embeds, negative_prompt_embeds=negative, height=SIZE, width=SIZE, num_inference_steps=2)
     assert "forward" not in pipe.unet.__dict__  # restored after an error too
+
+
+@pytest.mark.parametrize("case", ["sd-ddim", "sd3"])
+def test_sample_banks_through_guide_equal_tiltgen_sampling(case):
+    """guide(..., method="trainingfree", bank=...) uses the per-prompt banks as tiltgen's sampler does."""
+    from tiltgen.eval.estimators import build_banks
+
+    build, kwargs, steps, scale = CASES[case]
+    pipe = loaded(build, **kwargs)
+    model = DiffusersBackend(loaded(build, **kwargs)).at(SIZE, SIZE, guidance_scale=scale)
+    reward = get_reward("brightness")
+    banks = build_banks(model, reward, [(p, None, 100) for p in PROMPTS], 4, steps=steps, **extra(pipe))
+    guided = tiltgen.guide(pipe, reward=reward, method="trainingfree", beta=0.1, bank=banks)
+    ours = pipeline_latents(pipe, guided, steps, scale)
+    cond = model.encode(PROMPTS, **extra(pipe))
+    latents = {}
+    for name, bank in (("bank", banks), ("plain", None)):
+        estimator, _ = build_estimator(model, "trainingfree", reward, 0.1, bank=bank)
+        latents[name] = model.sample(cond, seeds=SEEDS, steps=steps, guidance=estimator, decode=False).latents
+    assert close(ours, latents["bank"]), f"{case}: max |diff| {float((ours - latents['bank']).abs().max())}"
+    assert not close(latents["plain"], latents["bank"])  # the bank changed the guidance
+    with pytest.raises(TiltgenError, match="bank= is a prior of training-free guidance"):
+        tiltgen.guide(pipe, reward=reward, method="tweedie", bank=banks)

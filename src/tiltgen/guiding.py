@@ -32,7 +32,7 @@ METHODS = ("tweedie", "trainingfree", "learned")
 def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | None = None,
           guidance: Any = None, particles: int | None = None, *, scale: float | None = None,
           t_window: tuple[float, float] | None = None, variant: str | None = None, force: bool = False,
-          cache_dir: str | None = None) -> "GuidedPipeline":
+          cache_dir: str | None = None, bank: Any = None) -> "GuidedPipeline":
     """A callable with ``pipe``'s own call signature and output that samples p* ∝ p·exp(r/β).
 
     ``pipe``: a loaded ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
@@ -42,6 +42,9 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
     denoiser), ``trainingfree`` or ``learned`` (``guidance``: a trained network, its folder,
     ``builtin:<name>`` or a cached hub id; refused for another base model unless ``force``).
     ``particles`` is not supported here: use ``tiltgen sample --method smc`` / best-of-n.
+    ``bank`` (``trainingfree`` only): sample banks of unguided latents, ``{prompt: SampleBank}``
+    (e.g. from :func:`tiltgen.eval.estimators.build_banks`), drawn with the settings of the calls
+    they will guide.
     """
     from .backends.diffusers.backend import FAMILIES
 
@@ -57,12 +60,14 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
         raise TiltgenError(f"method {method!r} needs a reward")
     if method == "learned" and guidance is None:
         raise TiltgenError("method 'learned' needs guidance= (a trained guidance network or its folder)")
+    if bank is not None and method != "trainingfree":
+        raise TiltgenError(f"bank= is a prior of training-free guidance; method {method!r} does not use one")
     if isinstance(reward, str):
         from .rewards import reward_from_spec
 
         reward = reward_from_spec(reward)
     return GuidedPipeline(pipe, reward, method, beta, guidance, scale=scale, t_window=t_window, variant=variant,
-                          force=force, cache_dir=cache_dir)
+                          force=force, cache_dir=cache_dir, bank=bank)
 
 
 class GuidedPipeline:
@@ -70,12 +75,12 @@ class GuidedPipeline:
 
     def __init__(self, pipe: Any, reward: Any, method: str, beta: float | None, guidance: Any, *,
                  scale: float | None, t_window: tuple[float, float] | None, variant: str | None, force: bool,
-                 cache_dir: str | None):
+                 cache_dir: str | None, bank: Any = None):
         from .backends.diffusers.backend import DiffusersBackend
 
         self.pipe = pipe
         self.reward, self.method, self.beta, self.guidance = reward, method, beta, guidance
-        self.options = {"scale": scale, "t_window": t_window, "variant": variant}
+        self.options = {"scale": scale, "t_window": t_window, "variant": variant, "bank": bank}
         self.force, self.cache_dir = force, cache_dir
         # a view of the pipeline that changes nothing in it (no casting, no requires_grad, no eval)
         self.backend = DiffusersBackend(pipe, adopt=False)
