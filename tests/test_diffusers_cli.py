@@ -129,3 +129,27 @@ def test_sample_with_a_sample_bank(sd_dir, tmp_path, capsys):
     assert main(["sample", "--model", str(sd_dir), "--prompt", "x", "--method", "tweedie", "--reward", "brightness",
                  "--bank", "8", "--out", str(tmp_path / "t")]) == 2
     assert "--bank is a prior of training-free guidance" in capsys.readouterr().err
+
+
+def test_lazy_sample_banks_draw_only_the_prompts_guided(sd_dir):
+    """Banks built lazily are drawn when guidance first meets their prompt, and equal the eager ones."""
+    import torch
+
+    from tiltgen.backends.diffusers import DiffusersBackend
+    from tiltgen.errors import TiltgenError
+    from tiltgen.eval.estimators import build_banks, build_estimator
+    from tiltgen.rewards import get_reward
+
+    model = DiffusersBackend.from_pretrained(str(sd_dir)).at(16, 16, guidance_scale=1.0)
+    reward = get_reward("brightness")
+    rows = [("a cat", None, 0), ("a dog", None, 1_000_000)]
+    lazy = build_banks(model, reward, rows, 3, steps=2, lazy=True)
+    assert lazy.drawn == [] and len(lazy) == 2 and "a dog" in lazy and "a cow" not in lazy
+    estimator, _ = build_estimator(model, "trainingfree", reward, 0.05, bank=lazy)
+    model.sample(model.encode(["a dog"]), seeds=[5], steps=2, guidance=estimator)
+    assert lazy.drawn == ["a dog"]
+    eager = build_banks(model, reward, rows, 3, steps=2)
+    assert eager.drawn == ["a cat", "a dog"]
+    assert torch.equal(eager["a dog"].x0, lazy["a dog"].x0) and torch.equal(eager["a dog"].rewards, lazy["a dog"].rewards)
+    with pytest.raises(TiltgenError, match="two negative prompts"):
+        build_banks(model, reward, rows + [("a cat", "blurry", 7)], 3, lazy=True)

@@ -297,8 +297,8 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
 
         banks = build_banks(model, reward, [(row.prompt, row.negative_prompt or args.negative_prompt,
                                              image_seed(args.seed, p, 0, row.seed)) for p, row in enumerate(rows)],
-                            args.bank, steps=steps, sampler=sampler, batch_size=args.batch_size,
-                            progress=not args.no_progress and processes.is_main, guidance_scale=args.cfg, **extra)
+                            args.bank, steps=steps, sampler=sampler, batch_size=args.batch_size, lazy=True,
+                            guidance_scale=args.cfg, **extra)
     estimator = _estimator(args, model, reward, banks)
     shared: dict[str, Any] = {}
 

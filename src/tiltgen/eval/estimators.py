@@ -3,7 +3,8 @@ and ``tiltgen demo`` (diffusers pipelines and built-in models alike)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -64,7 +65,7 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
 
 def build_banks(model: Any, reward: Any, prompts: Sequence[tuple[Any, str | None, int]], size: int, *,
                 steps: int | None = None, sampler: str = "ddim", batch_size: int = 8, progress: bool = False,
-                sampling_model: Any = None, **encode: Any) -> dict[str, Any]:
+                sampling_model: Any = None, lazy: bool = False, **encode: Any) -> "PromptBanks":
     """One :class:`~tiltgen.tilt.bank.SampleBank` per distinct prompt: ``size`` unguided latents of
     ``model`` (a diffusers LatentModel) for it, scored by ``reward`` through the decoder.
 
@@ -72,39 +73,76 @@ def build_banks(model: Any, reward: Any, prompts: Sequence[tuple[Any, str | None
     seed first_seed + BANK_SEED_OFFSET + j, so it never repeats an image's seed (< BANK_SEED_OFFSET
     images per prompt). ``encode`` (e.g. guidance_scale) goes to ``model.encode``, as for the images:
     the bank must come from the distribution being guided. Each bank costs ``size`` unguided samples
-    (drawn through ``sampling_model`` when given, e.g. a counting wrapper of ``model``)."""
-    from tqdm.auto import tqdm
+    (drawn through ``sampling_model`` when given, e.g. a counting wrapper of ``model``). ``lazy``:
+    draw a prompt's bank when guidance first asks for it (a process draws only the prompts it
+    samples, a resumed run only the unfinished ones), else all of them now."""
+    banks = PromptBanks(model, reward, prompts, size, steps=steps, sampler=sampler, batch_size=batch_size,
+                        sampling_model=sampling_model, encode=encode)
+    if not lazy:
+        from tqdm.auto import tqdm
 
-    from ..tilt.bank import SampleBank, score_samples
+        for key in tqdm(list(banks), desc="sample banks", disable=not progress):
+            banks[key]
+    return banks
 
-    if size < 2:
-        raise TiltgenError(f"a sample bank needs at least 2 samples, got --bank {size}")
-    firsts: dict[str, tuple[Any, str | None, int]] = {}
-    for prompt, negative, seed in prompts:
-        key = str(prompt)
-        if key in firsts and firsts[key][1] != negative:
-            raise TiltgenError(f"the prompt {key!r} appears with two negative prompts ({firsts[key][1]!r}, "
-                               f"{negative!r}); a sample bank is per prompt: give each prompt one negative prompt")
-        firsts.setdefault(key, (prompt, negative, seed))
-    latent_reward = model.latent_reward(reward)
-    steps = steps or model.backend.default_steps
-    banks: dict[str, Any] = {}
-    for key, (prompt, negative, seed) in tqdm(firsts.items(), desc="sample banks", disable=not progress):
-        seeds = [seed + BANK_SEED_OFFSET + j for j in range(size)]
+
+class PromptBanks(Mapping):
+    """Sample banks by prompt text (see :func:`build_banks`), each drawn on first access."""
+
+    def __init__(self, model: Any, reward: Any, prompts: Sequence[tuple[Any, str | None, int]], size: int, *,
+                 steps: int | None, sampler: str, batch_size: int, sampling_model: Any, encode: dict[str, Any]):
+        if size < 2:
+            raise TiltgenError(f"a sample bank needs at least 2 samples, got --bank {size}")
+        self._specs: dict[str, tuple[Any, str | None, int]] = {}
+        for prompt, negative, seed in prompts:
+            key = str(prompt)
+            if key in self._specs and self._specs[key][1] != negative:
+                raise TiltgenError(f"the prompt {key!r} appears with two negative prompts ({self._specs[key][1]!r}, "
+                                   f"{negative!r}); a sample bank is per prompt: give each prompt one negative prompt")
+            self._specs.setdefault(key, (prompt, negative, seed))
+        self.model, self.size, self.sampler, self.batch_size = model, size, sampler, batch_size
+        self.latent_reward = model.latent_reward(reward)
+        self.steps = steps or model.backend.default_steps
+        self.sampling_model, self.encode = sampling_model, encode
+        self._banks: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._specs:
+            raise KeyError(key)
+        if key not in self._banks:
+            self._banks[key] = self._draw(*self._specs[key])
+        return self._banks[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._specs
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @property
+    def drawn(self) -> list[str]:
+        """The prompts whose banks have been drawn so far."""
+        return list(self._banks)
+
+    def _draw(self, prompt: Any, negative: str | None, seed: int) -> Any:
+        from ..tilt.bank import SampleBank, score_samples
+
+        seeds = [seed + BANK_SEED_OFFSET + j for j in range(self.size)]
         latents, values, grads = [], [], []
-        for start in range(0, size, batch_size):
-            chunk = seeds[start:start + batch_size]
-            cond = model.encode([prompt] * len(chunk), None if negative is None else [negative] * len(chunk),
-                                **encode)
-            x0 = model.sample(cond, seeds=chunk, steps=steps, sampler=sampler, decode=False,
-                              model=sampling_model).latents
-            value, grad = score_samples(x0, latent_reward, cond)
+        for start in range(0, self.size, self.batch_size):
+            chunk = seeds[start:start + self.batch_size]
+            cond = self.model.encode([prompt] * len(chunk), None if negative is None else [negative] * len(chunk),
+                                     **self.encode)
+            x0 = self.model.sample(cond, seeds=chunk, steps=self.steps, sampler=self.sampler, decode=False,
+                                   model=self.sampling_model).latents
+            value, grad = score_samples(x0, self.latent_reward, cond)
             latents.append(x0)
             values.append(value)
             grads.append(grad)
-        banks[key] = SampleBank(torch.cat(latents), torch.cat(values),
-                                None if grads[0] is None else torch.cat(grads))
-    return banks
+        return SampleBank(torch.cat(latents), torch.cat(values), None if grads[0] is None else torch.cat(grads))
 
 
 def latent_data_var(data_var: float | Sequence[float], model: Any) -> float | Tensor:

@@ -213,13 +213,12 @@ class TrainingFreeGuidance:
         self.cg_steps = int(cg_steps)
         self.draws = int(draws)
         self.seed = int(seed)
-        banks = bank.values() if isinstance(bank, Mapping) else [] if bank is None else [bank]
         if isinstance(bank, Mapping) and not bank:
             raise TiltgenError("bank is an empty mapping: give one SampleBank per prompt")
-        for one in banks:
-            if not isinstance(one, SampleBank):
-                raise TiltgenError(f"bank must be a SampleBank (SampleBank.from_samples(x0, reward)) or a mapping "
-                                   f"prompt -> SampleBank, got {type(one).__name__}")
+        # a plain dict is checked now; another mapping (banks drawn on first use) when each is used
+        for one in bank.values() if isinstance(bank, dict) else [] if isinstance(bank, Mapping) else [bank]:
+            if one is not None:
+                _check_bank(one)
         if not bandwidth > 0 or not math.isfinite(bandwidth):
             raise TiltgenError(f"bandwidth must be finite and > 0, got {bandwidth}")
         self.bank = bank
@@ -262,6 +261,7 @@ class TrainingFreeGuidance:
         return shift
 
     def _banked_shift(self, bank: SampleBank, x_t: Tensor, t: Tensor, cond: Any, x0: Tensor) -> Tensor:
+        _check_bank(bank)
         post, between = self._bank_posterior(bank, x_t, t, x0)
         return between + self._variant_shift(x0, cond, post)
 
@@ -305,6 +305,12 @@ class TrainingFreeGuidance:
         shift = self.x0_shift(x_t, t, cond, x0_hat)
         tilt = Tilt(x0_shift=shift if self.scale == 1.0 else shift * self.scale)
         return tilt if keep is None else tilt.masked(keep)
+
+
+def _check_bank(bank: Any) -> None:
+    if not isinstance(bank, SampleBank):
+        raise TiltgenError(f"bank must be a SampleBank (SampleBank.from_samples(x0, reward)) or a mapping "
+                           f"prompt -> SampleBank, got {type(bank).__name__}")
 
 
 def _row_prompts(cond: Any, n: int) -> list[str]:
