@@ -150,6 +150,7 @@ def test_lazy_sample_banks_draw_only_the_prompts_guided(sd_dir):
     assert lazy.drawn == ["a dog"]
     eager = build_banks(model, reward, rows, 3, steps=2)
     assert eager.drawn == ["a cat", "a dog"]
-    assert torch.equal(eager["a dog"].x0, lazy["a dog"].x0) and torch.equal(eager["a dog"].rewards, lazy["a dog"].rewards)
+    assert torch.equal(eager["a dog"].x0, lazy["a dog"].x0)
+    assert torch.equal(eager["a dog"].rewards, lazy["a dog"].rewards)
     with pytest.raises(TiltgenError, match="two negative prompts"):
         build_banks(model, reward, rows + [("a cat", "blurry", 7)], 3, lazy=True)

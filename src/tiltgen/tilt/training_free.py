@@ -180,10 +180,10 @@ class TrainingFreeGuidance:
 
     ``bank`` (a :class:`~tiltgen.tilt.bank.SampleBank` of unguided samples of the base model
     for the condition being sampled, or a mapping prompt -> SampleBank for prompt-conditional
-    models, each row then using its own prompt's bank) replaces the Gaussian prior by the samples' kernel density
-    with kernel h^2 S, h = ``bandwidth`` * M^(-1/(D+4)): the proxy posterior becomes a mixture
-    whose components the tilt reweights, so guidance can move samples between modes
-    (tilt/bank.py; docs/training-free-guidance.md, "A sample bank").
+    models, each row then using its own prompt's bank) replaces the Gaussian prior by the
+    samples' kernel density with kernel h^2 S, h = ``bandwidth`` * M^(-1/(D+4)): the proxy
+    posterior becomes a mixture whose components the tilt reweights, so guidance can move
+    samples between modes (tilt/bank.py; docs/training-free-guidance.md, "A sample bank").
     """
 
     needs_model_grad = False
