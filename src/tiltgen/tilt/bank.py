@@ -101,28 +101,18 @@ def score_samples(x0: Tensor, reward: Reward, cond: Any = None, *, grads: bool |
         return values, None  # differentiability was only assumed, and autograd says no: values only
 
 
-@dataclass(frozen=True)
-class BankPosterior:
-    """The kernel-density posterior at one step, in the data covariance's eigen-coordinates
-    (or element-wise when ``basis`` is None): ``within`` the component covariance C_t's
-    eigenvalues [N or 1, D]; ``between`` the x0 shift from reweighting the components [N, ...]."""
-
-    within: Tensor
-    between: Tensor
-
-
 def bandwidth_factor(bank: SampleBank, bandwidth: float) -> float:
     """h^2 = (bandwidth * M^(-1/(D+4)))^2, the kernel covariance K = h^2 S as a multiple of S."""
     dim = bank.x0[0].numel()
     return (bandwidth * bank.size ** (-1.0 / (dim + 4))) ** 2
 
 
-def bank_posterior(bank: SampleBank, x_t: Tensor, t: Tensor, schedule, eigenvalues: Tensor, basis: Tensor | None,
-                   beta: float, bandwidth: float) -> BankPosterior:
-    """Reweight the bank's kernel components at ``x_t`` [N, ...] (module docstring).
-
-    ``eigenvalues`` [D] (or per-element variances broadcast to D) and ``basis`` [D, D] | None
-    describe S, the data covariance."""
+def bank_shift(bank: SampleBank, x_t: Tensor, t: Tensor, schedule, eigenvalues: Tensor, basis: Tensor | None,
+               beta: float, bandwidth: float) -> Tensor:
+    """(I - alpha kappa) sum_j (pi*_j - pi_j) x_j  [N, ...]: the x0 shift from reweighting the
+    bank's kernel components at ``x_t`` (module docstring). ``eigenvalues`` [D] (per-element
+    variances, flattened, when ``basis`` is None) and ``basis`` [D, D] | None describe S, the data
+    covariance; the within-component covariance C_t is the caller's (posterior_variance of h^2 S)."""
     n, shape = x_t.shape[0], tuple(x_t.shape[1:])
     dtype, device = x_t.dtype, x_t.device
     kernel = bandwidth_factor(bank, bandwidth) * eigenvalues.to(dtype=dtype, device=device).reshape(1, -1)
@@ -131,7 +121,6 @@ def bank_posterior(bank: SampleBank, x_t: Tensor, t: Tensor, schedule, eigenvalu
     sigma = c.sigma.reshape(-1, 1).to(dtype)
     var = alpha**2 * kernel + sigma**2                 # [N or 1, D] per-direction variance of x_t | x_j
     kappa = alpha * kernel / var
-    within = kernel * sigma**2 / var
 
     def rotate(v: Tensor) -> Tensor:
         flat = v.flatten(1).to(dtype=dtype, device=device)
@@ -149,7 +138,7 @@ def bank_posterior(bank: SampleBank, x_t: Tensor, t: Tensor, schedule, eigenvalu
     between = (1 - alpha * kappa) * torch.cat(parts)
     if basis is not None:
         between = between @ basis.T.to(dtype=dtype, device=device)
-    return BankPosterior(within, between.reshape((n,) + shape))
+    return between.reshape((n,) + shape)
 
 
 def _rows(v: Tensor, take: slice) -> Tensor:

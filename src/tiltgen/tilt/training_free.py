@@ -51,7 +51,7 @@ from ..core.conversions import coefficients
 from ..core.reward import Reward, as_reward, evaluate_reward, reward_gradient, reward_name
 from ..core.schedules import Schedule
 from ..errors import TiltgenError, check_beta, check_choice
-from .bank import DEFAULT_BANDWIDTH, SampleBank, bank_posterior
+from .bank import DEFAULT_BANDWIDTH, SampleBank, bandwidth_factor, bank_shift
 from .base import check_window, in_window, per_sample_dot
 from .decomposition import Tilt
 
@@ -224,21 +224,22 @@ class TrainingFreeGuidance:
         self.bank = bank
         self.bandwidth = float(bandwidth)
 
-    def posterior(self, t: Tensor, x0: Tensor) -> ProxyPosterior:
-        """C_t for the batch ``x0`` [N, ...] at times ``t``."""
+    def posterior(self, t: Tensor, x0: Tensor, factor: float = 1.0) -> ProxyPosterior:
+        """C_t for the batch ``x0`` [N, ...] at times ``t``, of the prior ``factor`` * S (a sample
+        bank's kernel components use factor = h^2)."""
         if self.cov_basis is None:
             data_var = self.data_var
             if isinstance(data_var, Tensor):
                 _check_broadcast(data_var, x0)
                 data_var = data_var.to(dtype=x0.dtype, device=x0.device)
-            return ProxyPosterior(posterior_variance(self.schedule, t, x0, data_var))
+            return ProxyPosterior(posterior_variance(self.schedule, t, x0, factor * data_var))
         dim = x0[0].numel()
         if self.cov_basis.shape[0] != dim:
             raise TiltgenError(f"data_cov is {self.cov_basis.shape[0]}x{self.cov_basis.shape[0]} but one sample has "
                                f"{dim} elements (shape {tuple(x0.shape[1:])})")
         # the same formula on the covariance's eigenvalues: [N or 1, D] against flattened samples
         nu = posterior_variance(self.schedule, t, x0.flatten(1),
-                                self.cov_eigenvalues.to(dtype=x0.dtype, device=x0.device))
+                                factor * self.cov_eigenvalues.to(dtype=x0.dtype, device=x0.device))
         return ProxyPosterior(nu, self.cov_basis.to(dtype=x0.dtype, device=x0.device))
 
     def x0_shift(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tensor:
@@ -261,8 +262,19 @@ class TrainingFreeGuidance:
         return shift
 
     def _banked_shift(self, bank: SampleBank, x_t: Tensor, t: Tensor, cond: Any, x0: Tensor) -> Tensor:
+        """The between-component shift of ``bank``'s kernel mixture plus the variant's tilt of one
+        component, whose covariance is C_t of the kernel h^2 S."""
         _check_bank(bank)
-        post, between = self._bank_posterior(bank, x_t, t, x0)
+        shape = tuple(x0.shape[1:])
+        if tuple(bank.x0.shape[1:]) != shape:
+            raise TiltgenError(f"the sample bank holds samples of shape {tuple(bank.x0.shape[1:])}, but the model's "
+                               f"samples have shape {shape}")
+        post = self.posterior(t, x0, bandwidth_factor(bank, self.bandwidth))  # checks S against the samples
+        if self.cov_basis is None:
+            spectrum = torch.as_tensor(self.data_var, dtype=torch.float64).expand(shape).flatten()
+        else:
+            spectrum = self.cov_eigenvalues
+        between = bank_shift(bank, x_t, t, self.schedule, spectrum, self.cov_basis, self.beta, self.bandwidth)
         return between + self._variant_shift(x0, cond, post)
 
     def _variant_shift(self, x0: Tensor, cond: Any, post: ProxyPosterior) -> Tensor:
@@ -275,28 +287,6 @@ class TrainingFreeGuidance:
             return _newton_shift(self.reward, x0, cond, post, self.beta, self.cg_steps)
         z = _draws(self.draws, tuple(x0.shape[1:]), x0.dtype, x0.device, self.seed)
         return _snis_shift(self.reward, x0, cond, post, self.beta, z)
-
-    def _bank_posterior(self, bank: SampleBank, x_t: Tensor, t: Tensor, x0: Tensor) -> tuple[ProxyPosterior, Tensor]:
-        """The bank's component covariance C_t (as a proxy posterior) and its between-component shift."""
-        shape = tuple(x0.shape[1:])
-        if tuple(bank.x0.shape[1:]) != shape:
-            raise TiltgenError(f"the sample bank holds samples of shape {tuple(bank.x0.shape[1:])}, but the model's "
-                               f"samples have shape {shape}")
-        if self.cov_basis is None:
-            data_var = self.data_var
-            if isinstance(data_var, Tensor):
-                _check_broadcast(data_var, x0)
-            eigenvalues = torch.as_tensor(data_var, dtype=torch.float64).expand(shape).flatten()
-            basis = None
-        else:
-            eigenvalues, basis = self.cov_eigenvalues, self.cov_basis
-            if basis.shape[0] != x0[0].numel():
-                raise TiltgenError(f"data_cov is {basis.shape[0]}x{basis.shape[0]} but one sample has "
-                                   f"{x0[0].numel()} elements (shape {shape})")
-        out = bank_posterior(bank, x_t, t, self.schedule, eigenvalues, basis, self.beta, self.bandwidth)
-        if basis is None:
-            return ProxyPosterior(out.within.reshape((-1,) + shape)), out.between
-        return ProxyPosterior(out.within, basis.to(dtype=x0.dtype, device=x0.device)), out.between
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tilt:
         keep = in_window(t, self.t_window)
