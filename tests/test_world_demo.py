@@ -105,6 +105,23 @@ def test_twisted_binary_row_runs_particles_and_reports_them(tmp_path, capsys):
     assert "--particles must be >= 1" in capsys.readouterr().err
 
 
+def test_bank_row_pays_for_its_bank_and_reports_it(tmp_path, capsys):
+    """flow:trainingfree-bank draws --bank unguided images per prompt inside the row: its network
+    evaluations per image are (1 + bank / n) times the unguided row's, and the record says so."""
+    out = tmp_path / "d"
+    assert cli(["demo", "--prompt", "a red shape", "--n", "2", "--bank", "4", "--rows",
+                "flow:unguided,flow:trainingfree,flow:trainingfree-bank", "--timing-repeats", "1", "--no-progress",
+                "--out", str(out)]) == 0
+    records = {r["method"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    banked, plain = records["trainingfree-bank"], records["trainingfree"]
+    assert banked["bank"] == 4 and banked["variant"] == plain["variant"]
+    assert banked["model_evals"] == pytest.approx(3 * records["unguided"]["model_evals"])
+    assert plain["model_evals"] == pytest.approx(records["unguided"]["model_evals"])
+    assert banked["proxy"] != plain["proxy"]  # the bank changed the guidance
+    assert cli(["demo", "--bank", "1", "--out", str(tmp_path / "e")]) == 2
+    assert "--bank needs at least 2" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_demo_claims_on_held_out_under_specified_prompts(tmp_path):
     """Learned (diffusion, one-step) and training-free (flow) guidance: proxy gain >= 0.75 and gold
