@@ -135,3 +135,30 @@ def test_demo_claims_on_held_out_under_specified_prompts(tmp_path):
         assert row["proxy_gain_std"] >= 0.75, row
         assert row["gold_gain_std"] >= 0.5, row
         assert row["fidelity_change"] >= -0.05, row
+
+
+def test_timing_repeats_sample_equal_prompt_blocks_with_the_same_images():
+    """With prompts that split evenly, each timed repeat samples one block of them (same work), so
+    the repeats cost one pass; the images, counts and seeds are those of full repeats."""
+    import torch
+
+    from tiltgen.eval.world_demo import DemoSettings, prompt_blocks, run_model_rows
+    from tiltgen.rewards import get_reward
+
+    four = ["a red shape", "two shapes", "", "a shape on a white background"]
+    assert prompt_blocks(DemoSettings(prompts=four, timing_repeats=2)) == [four[:2], four[2:]]
+    assert prompt_blocks(DemoSettings(prompts=four, timing_repeats=4)) == [[p] for p in four]
+    assert prompt_blocks(DemoSettings(prompts=four[:3], timing_repeats=2)) == [four[:3]]  # uneven: full repeats
+    assert prompt_blocks(DemoSettings(prompts=four, timing_repeats=1)) == [four]
+    rewards = {"target": get_reward("world-proxy"), "binary": get_reward("world-binary")}
+    rows = {}
+    for repeats in (1, 2):
+        settings = DemoSettings(prompts=four[:2], n=2, timing_repeats=repeats, best_of=2)
+        rows[repeats] = {r.method: r for r in run_model_rows("onestep", ["unguided", "learned", "bestofn"], settings,
+                                                             rewards)}
+    for method in ("unguided", "learned", "bestofn"):
+        one, two = rows[1][method], rows[2][method]
+        assert two.images.shape == (4, 3, 32, 32)
+        torch.testing.assert_close(two.images, one.images, atol=1e-5, rtol=0)
+        assert two.model_evals == pytest.approx(one.model_evals)
+        assert len(two.walls) == (4 if method == "unguided" else 2) and min(two.walls) > 0

@@ -11,6 +11,9 @@ diversity, network evaluations and the wall time relative to the same model's un
 Wall ratios come from interleaved repeats (every row of a model once, then again, ...) and the
 fastest repeat of each row; a ratio below 1 for a method that does strictly more work than
 unguided sampling, or one whose repeats disagree by more than 30 %, is flagged as unreliable.
+When the prompts split into as many equal blocks as there are repeats, each repeat samples one
+block (the same work: as many images, steps and calls), so the repeats cost one pass over the
+prompts instead of several; a block's wall times the number of blocks is the row's wall.
 """
 
 from __future__ import annotations
@@ -99,15 +102,32 @@ def parse_rows(text: str | Sequence[str] | None) -> list[tuple[str, str]]:
 # Sampling one row
 # --------------------------------------------------------------------------------------------
 
-def _seeds(settings: DemoSettings) -> list[int]:
+def _seeds(settings: DemoSettings, prompts: Sequence[str]) -> list[int]:
     # the same n seeds for every prompt, so column j of the grid is one seed under every method
-    return [settings.seed + i % settings.n for i in range(len(settings.prompts) * settings.n)]
+    return [settings.seed + i % settings.n for i in range(len(prompts) * settings.n)]
+
+
+def prompt_blocks(settings: DemoSettings) -> list[list[str]]:
+    """The prompts as ``timing_repeats`` equal consecutive blocks, one per timed repeat, or one
+    block (every prompt, sampled ``timing_repeats`` times) when they do not split evenly."""
+    prompts, repeats = list(settings.prompts), settings.timing_repeats
+    if repeats > 1 and len(prompts) % repeats == 0:
+        size = len(prompts) // repeats
+        return [prompts[i * size:(i + 1) * size] for i in range(repeats)]
+    return [prompts]
+
+
+Runner = Callable[[Sequence[str]], Tensor]  # samples one block of prompts, n images each, prompt-major
+
+
+def _encode_blocks(model: Any, settings: DemoSettings, copies: int = 1) -> dict[tuple[str, ...], Any]:
+    """Each prompt block's condition (every prompt n * ``copies`` times), encoded before timing."""
+    return {tuple(block): model.encode([p for p in block for _ in range(settings.n * copies)])
+            for block in prompt_blocks(settings)}
 
 
 def _guided_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
-                   ) -> tuple[Callable[[], Tensor], CountingModel, float | None, float | None]:
-    prompts = [p for p in settings.prompts for _ in range(settings.n)]
-    cond = model.encode(prompts)
+                   ) -> tuple[Runner, CountingModel, float | None, float | None]:
     learned = method.startswith("learned")  # a learned network tilts at the beta it was trained for
     estimator, beta = build_estimator(model, "learned" if learned else method, reward,
                                       None if learned else settings.beta, guidance=GUIDANCE.get((name, method)))
@@ -115,41 +135,42 @@ def _guided_runner(model: Any, method: str, name: str, settings: DemoSettings, r
     wrapped = counter if estimator is None else GuidedModel(counter, model.schedule, estimator)
     steps = model.backend.default_steps
 
-    def run() -> Tensor:
+    conds = _encode_blocks(model, settings)
+
+    def run(block: Sequence[str]) -> Tensor:
         counter.calls = counter.sample_evals = 0
-        return model.sample(cond, seeds=_seeds(settings), steps=steps, model=wrapped).images
+        return model.sample(conds[tuple(block)], seeds=_seeds(settings, block), steps=steps, model=wrapped).images
 
     return run, counter, beta, getattr(estimator, "scale", None)
 
 
 def _bank_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
-                 ) -> tuple[Callable[[], Tensor], CountingModel, float | None, float | None]:
+                 ) -> tuple[Runner, CountingModel, float | None, float | None]:
     """Training-free guidance over a sample bank of ``settings.bank`` unguided images per prompt,
     drawn inside the timed run and through the row's counter: the row pays for its bank."""
-    prompts = [p for p in settings.prompts for _ in range(settings.n)]
-    cond = model.encode(prompts)
     counter = CountingModel(model)
     steps = model.backend.default_steps
 
-    def run() -> Tensor:
+    conds = _encode_blocks(model, settings)
+
+    def run(block: Sequence[str]) -> Tensor:
         counter.calls = counter.sample_evals = 0
-        banks = build_banks(model, reward, [(p, None, settings.seed) for p in settings.prompts], settings.bank,
+        banks = build_banks(model, reward, [(p, None, settings.seed) for p in block], settings.bank,
                             steps=steps, batch_size=max(settings.n, 8), sampling_model=counter)
         estimator, _ = build_estimator(model, "trainingfree", reward, settings.beta, bank=banks)
-        return model.sample(cond, seeds=_seeds(settings), steps=steps,
+        return model.sample(conds[tuple(block)], seeds=_seeds(settings, block), steps=steps,
                             model=GuidedModel(counter, model.schedule, estimator)).images
 
     return run, counter, settings.beta, 1.0
 
 
 def _smc_runner(model: Any, method: str, name: str, settings: DemoSettings, reward: Any
-                ) -> tuple[Callable[[], Tensor], CountingModel, float | None, float | None]:
+                ) -> tuple[Runner, CountingModel, float | None, float | None]:
     """SMC with one population of ``settings.particles`` per image; the reward weighs the last
     step. Twisted rows: the learned network's log h_t twists and its guided drift proposes, at
     the network's beta. Plain rows: the base model proposes, r(x0_hat) / beta twists."""
     from ..tilt.particles import smc_sample
 
-    prompts = [p for p in settings.prompts for _ in range(settings.n)]
     estimator, beta = None, settings.beta
     twin = GUIDANCE.get((name, method.replace("smc-", "twisted-")))
     if PARTICLE_ROWS[method] == "twisted":
@@ -163,11 +184,14 @@ def _smc_runner(model: Any, method: str, name: str, settings: DemoSettings, rewa
     counter = CountingModel(model)
     latent_reward = model.latent_reward(reward)
 
-    def run() -> Tensor:
+    def run(block: Sequence[str]) -> Tensor:
+        prompts = [p for p in block for _ in range(settings.n)]
+        # one generator per population batch: a block's seed follows from its first prompt's index
+        seed = settings.seed + list(settings.prompts).index(block[0])
         counter.calls = counter.sample_evals = 0
         result = smc_sample(counter, model.schedule, latent_reward, beta, n=len(prompts), particles=settings.particles,
                             shape=model.latent_shape, cond=prompts, steps=model.backend.default_steps,
-                            seed=settings.seed, drift=estimator,
+                            seed=seed, drift=estimator,
                             twist=None if estimator is None else estimator.log_twist)
         return model.decode(result.samples)
 
@@ -175,14 +199,16 @@ def _smc_runner(model: Any, method: str, name: str, settings: DemoSettings, rewa
 
 
 def _best_of_runner(model: Any, settings: DemoSettings, reward: Any, best_of: int
-                    ) -> tuple[Callable[[], Tensor], CountingModel]:
-    prompts = [p for p in settings.prompts for _ in range(settings.n)]
-    cond = model.encode([p for p in prompts for _ in range(best_of)])
-    seeds = [s + k * CANDIDATE_STRIDE for s in _seeds(settings) for k in range(best_of)]
+                    ) -> tuple[Runner, CountingModel]:
     counter = CountingModel(model)
     steps = model.backend.default_steps
 
-    def run() -> Tensor:
+    conds = _encode_blocks(model, settings, best_of)
+
+    def run(block: Sequence[str]) -> Tensor:
+        prompts = [p for p in block for _ in range(settings.n)]
+        cond = conds[tuple(block)]
+        seeds = [s + k * CANDIDATE_STRIDE for s in _seeds(settings, block) for k in range(best_of)]
         counter.calls = counter.sample_evals = 0
         images = model.sample(cond, seeds=seeds, steps=steps, model=counter).images
         with torch.no_grad():
@@ -193,17 +219,22 @@ def _best_of_runner(model: Any, settings: DemoSettings, reward: Any, best_of: in
     return run, counter
 
 
-def _time_rows(runners: dict[str, Callable[[], Tensor]], repeats: int) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
-    """Run every row ``repeats`` times, interleaved; the first run's images, every wall time."""
-    images: dict[str, Tensor] = {}
+def _time_rows(runners: dict[str, Runner], settings: DemoSettings
+               ) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
+    """Every row on every prompt block, interleaved (every row once per repeat): each row's images
+    of all prompts (prompt-major) and its wall per repeat, scaled to all prompts."""
+    blocks = prompt_blocks(settings)
+    runs = blocks if len(blocks) > 1 else blocks * settings.timing_repeats
+    images: dict[str, list[Tensor]] = {k: [] for k in runners}
     walls: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(repeats):
+    for i, block in enumerate(runs):
         for key, run in runners.items():
             start = time.perf_counter()
-            out = run()
-            walls[key].append(time.perf_counter() - start)
-            images.setdefault(key, out)
-    return images, walls
+            out = run(block)
+            walls[key].append((time.perf_counter() - start) * len(blocks))
+            if i < len(blocks):
+                images[key].append(out)
+    return {k: torch.cat(v) for k, v in images.items()}, walls
 
 
 def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, rewards: dict[str, Any],
@@ -216,7 +247,7 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
     prompts = [p for p in settings.prompts for _ in range(settings.n)]
     warm = prompts[:2]
     model.sample(model.encode(warm), seeds=list(range(len(warm))), steps=1)  # first-call initialisation, untimed
-    runners: dict[str, Callable[[], Tensor]] = {}
+    runners: dict[str, Runner] = {}
     meta: dict[str, tuple[CountingModel, float | None, float | None]] = {}
     for method in ["unguided"] + [m for m in methods if m not in ("unguided", "bestofn")]:
         reward = rewards["binary" if method.endswith("-binary") else "target"]
@@ -224,11 +255,12 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
             else _guided_runner
         run, counter, beta, scale = make(model, method, name, settings, reward)
         runners[method], meta[method] = run, (counter, beta, scale)
-    images, walls = _time_rows(runners, settings.timing_repeats)
+    images, walls = _time_rows(runners, settings)
     if progress is not None:
         progress.update(len(runners))
     evals_per_call = model.evals_per_call(model.encode(prompts[:1]))
-    results = {m: RowResult(name, m, images[m], walls[m], meta[m][0].sample_evals / len(prompts) * evals_per_call,
+    block_images = len(prompt_blocks(settings)[-1]) * settings.n  # the counters hold the last block's calls
+    results = {m: RowResult(name, m, images[m], walls[m], meta[m][0].sample_evals / block_images * evals_per_call,
                             m == "tweedie", None if m == "unguided" else meta[m][1]) for m in runners}
     for m in results:
         if m.startswith("learned") or PARTICLE_ROWS.get(m) == "twisted":  # the network's calibrated scale, or 1
@@ -245,10 +277,10 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
         best_of = settings.best_of or max(2, round(max([min(w) / base for m, w in walls.items() if m != "unguided"],
                                                        default=2.0)))
         run, counter = _best_of_runner(model, settings, rewards["target"], best_of)
-        more_images, more_walls = _time_rows({"bestofn": run, "unguided": runners["unguided"]}, settings.timing_repeats)
+        more_images, more_walls = _time_rows({"bestofn": run, "unguided": runners["unguided"]}, settings)
         results["unguided"].walls += more_walls["unguided"]
         results["bestofn"] = RowResult(name, "bestofn", more_images["bestofn"], more_walls["bestofn"],
-                                       counter.sample_evals / len(prompts) * evals_per_call, False, None,
+                                       counter.sample_evals / block_images * evals_per_call, False, None,
                                        {"best_of": best_of})
         if progress is not None:
             progress.update(1)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .oracle import HISTOGRAMS, effective_sample_size, snis_mean, snis_weights, total_variation, weighted_histograms
-from .world_demo import BINARY_REWARD, GOLD_REWARD, TARGET_REWARD, DemoSettings, RowResult, wall_ratio
+from .world_demo import BINARY_REWARD, GOLD_REWARD, TARGET_REWARD, DemoSettings, RowResult, prompt_blocks, wall_ratio
 
 #: An attribute histogram "moved" when its total-variation distance from unguided is at least this.
 MOVED_TV = 0.15
@@ -154,6 +154,14 @@ def _moved_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _block_text(settings: DemoSettings) -> str:
+    blocks = prompt_blocks(settings)
+    if len(blocks) == 1:
+        return ""
+    return (f", each on one block of {len(blocks[0])} of the {len(settings.prompts)} prompts with the same work, its wall "
+            f"times {len(blocks)}")
+
+
 def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Path, wall_total: float
                   ) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +171,8 @@ def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Pat
     paths["json"].write_text(json.dumps({"settings": {"prompts": list(settings.prompts), "n": settings.n,
                                                       "beta": settings.beta, "seed": settings.seed,
                                                       "prompt_set": settings.prompt_set,
-                                                      "timing_repeats": settings.timing_repeats},
+                                                      "timing_repeats": settings.timing_repeats,
+                                                      "timing_blocks": len(prompt_blocks(settings))},
                                          "records": records, "summary": summ, "wall_s": wall_total}, indent=2))
     base_rows = [r for r in records if r["method"] == "unguided"]
     flagged = [s for s in summ if s["wall_ratio_unreliable"]]
@@ -187,8 +196,8 @@ def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Pat
         "classifier reads back (prompts that specify nothing are left out); binary = GenEval-like success "
         "(number of shapes and colours); model_evals = network evaluations per image (CFG counts 2; Tweedie also "
         "back-propagates through each); wall_ratio = sampling wall time / the same model's unguided sampling "
-        f"(fastest of {settings.timing_repeats} interleaved repeats; `unreliable` marks ratios that timing noise "
-        "decided).\n",
+        f"(fastest of {settings.timing_repeats} interleaved repeats{_block_text(settings)}; `unreliable` marks "
+        "ratios that timing noise decided).\n",
         table(summ, ("model", "method", "proxy", "gold", "proxy_gain_std", "gold_gain_std", "fidelity",
                      "fidelity_change", "binary", "diversity", "model_evals", "wall_ratio", "wall_ratio_unreliable",
                      "reward_hacking"),
