@@ -117,3 +117,36 @@ def test_timestep_range_of_a_second_phase():
     for bad in ("500", "a,b", "600,500", "0,1001", "-1,10"):
         with pytest.raises(TiltgenError, match="--timesteps"):
             timestep_range(bad, 1000)
+
+
+def test_teacher_velocity_routes_each_timestep_to_its_teacher(tmp_path):
+    """--teachers HIGH,LOW: rows at k >= switch get HIGH's v (with HIGH's text encoder), rows below LOW's."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from tiltgen.builtin.recipes.diffusion import encode_prompts, load_teachers, teacher_velocity
+    from tiltgen.builtin.recipes.pipelines import SD_TEXT_DIM, sd_unet_config
+    from tiltgen.builtin.recipes.text import clip_text_config, clip_tokenizer
+    from tiltgen.errors import TiltgenError
+
+    tokenizer = clip_tokenizer()
+    teachers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        teachers.append((UNet2DConditionModel(**sd_unet_config()).eval(),
+                         CLIPTextModel(clip_text_config(len(tokenizer), SD_TEXT_DIM)).eval()))
+    z_t = torch.randn(4, 4, 8, 8)
+    k = torch.tensor([900, 100, 500, 499])
+    prompts = ["a red shape", "", "two shapes", "a circle on the left"]
+    got = teacher_velocity(teachers, tokenizer, z_t, k, prompts, switch=500)
+    with torch.no_grad():
+        for i, j in enumerate([0, 1, 0, 1]):
+            unet, text_encoder = teachers[j]
+            want = unet(z_t[i:i + 1], k[i:i + 1], encoder_hidden_states=encode_prompts(tokenizer, text_encoder,
+                                                                                    prompts[i:i + 1])).sample
+            torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5)
+    assert load_teachers(None) == []
+    with pytest.raises(TiltgenError, match="--teachers takes HIGH,LOW"):
+        load_teachers("only-one")
+    with pytest.raises(TiltgenError, match="teacher pipeline"):
+        load_teachers(f"{tmp_path / 'missing'},{tmp_path / 'missing'}")

@@ -16,13 +16,19 @@ but placed shapes regardless of the position words (held-out position fidelity 0
 ``--min-snr GAMMA --snr-floor F`` weights the v loss by max(min(SNR, GAMMA) / (SNR + 1), F): the
 min-SNR emphasis on mid noise, with the high-noise steps kept at weight F. ``--init FOLDER``
 starts from a trained folder's UNet and text encoder (a second training phase).
+
+``--teachers HIGH,LOW --switch K`` distils two trained folders into one UNet + text encoder: the v
+target of a noised training latent is HIGH's prediction at timesteps >= K and LOW's below,
+instead of the data's v. A teacher's output is the conditional mean the data's v only samples, so
+the target has no irreducible noise; this merges a model that places shapes (unweighted) with one
+that draws them sharply (min-SNR) into a single standard UNet (docs/builtin-world.md).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -68,6 +74,38 @@ def timestep_range(text: str | None, total: int) -> tuple[int, int]:
     return lo, hi
 
 
+def load_teachers(text: str | None) -> list[tuple[Any, Any]]:
+    """``HIGH,LOW`` world-diffusion folders as frozen (UNet, text encoder) pairs (empty: no teachers)."""
+    if text is None:
+        return []
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folders = text.split(",")
+    if len(folders) != 2:
+        raise TiltgenError(f"--teachers takes HIGH,LOW (two pipeline folders), got {text!r}")
+    out = []
+    for folder in folders:
+        path = resolve_weights(folder, "teacher pipeline")
+        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=torch.float32).eval()
+        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=torch.float32).eval()
+        out.append((unet.requires_grad_(False), text_encoder.requires_grad_(False)))
+    return out
+
+
+@torch.no_grad()
+def teacher_velocity(teachers: list[tuple[Any, Any]], tokenizer, z_t: Tensor, k: Tensor, prompts: Sequence[str],
+                     switch: int) -> Tensor:
+    """v [B, C, H, W] of the high-noise teacher where ``k`` >= ``switch``, of the low-noise one below."""
+    target = torch.empty_like(z_t)
+    for (unet, text_encoder), rows in zip(teachers, (k >= switch, k < switch)):
+        if rows.any():
+            idx = rows.nonzero().squeeze(1)
+            hidden = encode_prompts(tokenizer, text_encoder, [prompts[i] for i in idx.tolist()])
+            target[idx] = unet(z_t[idx], k[idx], encoder_hidden_states=hidden).sample
+    return target
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("python -m tiltgen.builtin.recipes.diffusion", __doc__, steps=6000, batch_size=128,
                          lr=1e-3)
@@ -82,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timesteps", default=None, metavar="LO,HI",
                         help="train only on the integer timesteps in [LO, HI) (default: all; a second phase that "
                              "teaches the high-noise steps alone, say 500,1000)")
+    parser.add_argument("--teachers", default=None, metavar="HIGH,LOW",
+                        help="distil two trained world-diffusion folders into one: the v target is HIGH's prediction "
+                             "at timesteps >= --switch and LOW's below (each with its own text encoder), not the data's")
+    parser.add_argument("--switch", type=int, default=500, help="the timestep where --teachers hands over")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     work = setup(args)
@@ -101,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         unet = UNet2DConditionModel(**sd_unet_config())
     scheduler = sd_scheduler()
     k_lo, k_hi = timestep_range(args.timesteps, scheduler.config.num_train_timesteps)
+    teachers = load_teachers(args.teachers)
     trainer = Trainer({"unet": unet, "text_encoder": text_encoder}, args)
     n = bank["mean"].shape[0]
 
@@ -111,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         k = torch.randint(k_lo, k_hi, (args.batch_size,), generator=g)
         eps = torch.randn(z.shape, generator=g)
         z_t = scheduler.add_noise(z, eps, k)
-        target = scheduler.get_velocity(z, eps, k)
+        if teachers:
+            target = teacher_velocity(teachers, tokenizer, z_t, k, prompts, args.switch)
+        else:
+            target = scheduler.get_velocity(z, eps, k)
         pred = unet(z_t, k, encoder_hidden_states=encode_prompts(tokenizer, text_encoder, prompts)).sample
         err = (pred - target).pow(2).flatten(1).mean(1)
         return (v_loss_weight(scheduler, k, args.min_snr, args.snr_floor) * err).mean()
