@@ -150,3 +150,20 @@ def test_teacher_velocity_routes_each_timestep_to_its_teacher(tmp_path):
         load_teachers("only-one")
     with pytest.raises(TiltgenError, match="teacher pipeline"):
         load_teachers(f"{tmp_path / 'missing'},{tmp_path / 'missing'}")
+
+
+def test_flow_loss_weight_is_min_snr_on_the_x0_error():
+    """gamma = 0: unweighted. Otherwise min(SNR, gamma) t^2 (the velocity error is the x0 error
+    over t), scaled to mean 1 under the logit-normal times the recipe samples."""
+    from tiltgen.builtin.recipes.flow import flow_loss_weight
+
+    t = torch.tensor([0.1, 0.3, 0.5, 0.9])
+    assert torch.equal(flow_loss_weight(t, 0.0), torch.ones(4))
+    w = flow_loss_weight(t, 5.0).double()
+    snr = ((1 - t.double()) / t.double()) ** 2
+    ratio = w / (torch.clamp(snr, max=5.0) * t.double() ** 2)
+    torch.testing.assert_close(ratio, ratio[0].expand(4))  # one normalising constant
+    g = torch.Generator().manual_seed(0)
+    assert float(flow_loss_weight(torch.sigmoid(torch.randn(400_000, generator=g)), 5.0).mean()) == pytest.approx(1, abs=0.01)
+    grid = torch.linspace(0.01, 0.99, 981)
+    assert float(grid[flow_loss_weight(grid, 5.0).argmax()]) == pytest.approx(1 / (1 + 5 ** 0.5), abs=0.002)

@@ -9,7 +9,8 @@ SD3), the transformer and all three text encoders trained together from scratch,
 latents and training captions as the diffusion model. Prompts are encoded by the pipeline's
 own ``encode_prompt``, so training sees exactly what sampling does. The T5 sequence is usually
 ``T5_MAX_LENGTH`` tokens (tiltgen's default) and sometimes 256 (the pipeline's default), so
-plain diffusers calls work too. The EMA of the weights is saved.
+plain diffusers calls work too. The EMA of the weights is saved. ``--min-snr GAMMA`` weights the
+velocity loss as min-SNR-gamma weights the x0 error (``flow_loss_weight``).
 """
 
 from __future__ import annotations
@@ -33,10 +34,34 @@ DEFAULT_CFG = 3.0
 P_LONG_T5 = 0.05
 
 
+def flow_loss_weight(t: Tensor, gamma: float) -> Tensor:
+    """Per-sample weight [B] of the velocity loss at times ``t`` in (0, 1): 1 when ``gamma`` is 0.
+
+    Otherwise min(SNR, gamma) t^2 / c with SNR = ((1 - t) / t)^2: since x0_hat = x_t - t v_hat, the
+    velocity error is the x0 error over t, so this is min-SNR-gamma on the x0 error (as
+    ``recipes.diffusion``'s weight is for v-prediction). c is its mean under the logit-normal
+    sampling of t, so the loss keeps the unweighted loss's scale."""
+    if gamma <= 0:
+        return torch.ones(t.shape)
+    return _min_snr_t2(t.double(), gamma).float() / _logit_normal_mean(gamma)
+
+
+def _min_snr_t2(t: Tensor, gamma: float) -> Tensor:
+    return torch.minimum((1 - t) ** 2, gamma * t ** 2)
+
+
+def _logit_normal_mean(gamma: float, points: int = 20001) -> float:
+    u = torch.linspace(-8, 8, points, dtype=torch.float64)
+    density = torch.exp(-u ** 2 / 2)
+    return float((_min_snr_t2(torch.sigmoid(u), gamma) * density).sum() / density.sum())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("python -m tiltgen.builtin.recipes.flow", __doc__, steps=6000, batch_size=128, lr=1e-3)
     parser.add_argument("--vae", required=True, help="the world AutoencoderKL folder (recipes.vae)")
     parser.add_argument("--data", type=int, default=120000, help="training images")
+    parser.add_argument("--min-snr", type=float, default=0.0,
+                        help="weight the velocity loss as min-SNR-gamma weights the x0 error (0: unweighted)")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     work = setup(args)
@@ -70,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         pred = transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=embeds,
                            pooled_projections=pooled, return_dict=False)[0]
-        return (pred - (eps - x0)).pow(2).mean()
+        err = (pred - (eps - x0)).pow(2).flatten(1).mean(1)
+        return (flow_loss_weight(t, args.min_snr) * err).mean()
 
     try:
         trainer.run(loss_at, work, "train flow transformer + text encoders")
