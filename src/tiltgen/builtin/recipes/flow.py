@@ -15,6 +15,7 @@ velocity loss as min-SNR-gamma weights the x0 error (``flow_loss_weight``).
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -50,6 +51,7 @@ def _min_snr_t2(t: Tensor, gamma: float) -> Tensor:
     return torch.minimum((1 - t) ** 2, gamma * t ** 2)
 
 
+@functools.lru_cache(maxsize=None)  # one constant per gamma, not recomputed at every training step
 def _logit_normal_mean(gamma: float, points: int = 20001) -> float:
     u = torch.linspace(-8, 8, points, dtype=torch.float64)
     density = torch.exp(-u ** 2 / 2)
