@@ -150,6 +150,10 @@ def test_timing_repeats_sample_equal_prompt_blocks_with_the_same_images():
     assert prompt_blocks(DemoSettings(prompts=four, timing_repeats=4)) == [[p] for p in four]
     assert prompt_blocks(DemoSettings(prompts=four[:3], timing_repeats=2)) == [four[:3]]  # uneven: full repeats
     assert prompt_blocks(DemoSettings(prompts=four, timing_repeats=1)) == [four]
+    from tiltgen.eval.world_report import _block_text
+
+    assert "one block of 2 of the 4 prompts" in _block_text(DemoSettings(prompts=four, timing_repeats=2))
+    assert _block_text(DemoSettings(prompts=four[:3], timing_repeats=2)) == ""  # full repeats: nothing to say
     rewards = {"target": get_reward("world-proxy"), "binary": get_reward("world-binary")}
     rows = {}
     for repeats in (1, 2):
