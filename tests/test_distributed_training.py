@@ -194,3 +194,21 @@ def test_finetune_killed_and_resumed_matches_the_uninterrupted_run(sd_dir, tmp_p
     assert [row["step"] for row in curves[1]] == list(range(1, 61))
     assert [row["loss"] for row in curves[1]] == pytest.approx([row["loss"] for row in curves[0]], rel=1e-5, abs=1e-7)
     assert (killed / "step-000040" / "model_index.json").is_file()
+
+
+def test_a_finished_command_leaves_its_process_group_and_a_failed_one_does_not(tmp_path, capsys):
+    """A worker that exits holding its gloo group can abort at exit (SIGABRT) after its work is
+    done; a finished command therefore leaves the group (after a barrier). A failed one leaves it
+    alone: its peers may never reach that barrier."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["train-guidance", "--out", str(tmp_path / "x")]) == 2  # neither --case nor --model
+        assert dist.is_initialized()
+        assert main(["models"]) == 0
+        assert not dist.is_initialized()
+        assert main(["models"]) == 0  # without a group: nothing to leave
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -532,7 +532,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            return args.func(args)
+            code = args.func(args)
+        if code == 0:
+            from ..core.distributed import leave_processes
+
+            leave_processes()  # only after success: a failed process's peers may never reach the barrier
+        return code
     except TiltgenError as error:
         print(f"tiltgen: error: {error}", file=sys.stderr)
         return 2

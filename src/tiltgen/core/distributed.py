@@ -69,6 +69,17 @@ def join_processes(device: str | None = None) -> Processes:
                      device=device or str(state.device), state=state)
 
 
+def leave_processes() -> None:
+    """Leave the job's process group, if this process joined one: a barrier, then the group's
+    teardown. Without it a worker that finishes first exits while the others still hold gloo
+    connections to it, and its unjoined gloo threads abort it at exit (SIGABRT, "terminate called
+    without an active exception"), failing a run whose work was done."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def launch_config() -> dict[str, Any]:
     """What ``accelerate launch`` passes down from its config file or flags to every process:
     ``mixed_precision`` ("no", "bf16", "fp16") and ``grad_accum`` (gradient accumulation steps),
