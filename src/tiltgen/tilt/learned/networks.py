@@ -51,16 +51,20 @@ class MLPConfig:
     time_freqs: int = 8
     kind: str = "mlp"
     linear_skip: bool = False  # add z . (A phi(t) + B e + b) (see PotentialMLP)
+    quadratic_skip: bool = False  # add 1/2 sum_i q_i z_i^2, q = Q phi(t) + C e + c (see PotentialMLP)
 
 
 class PotentialMLP(nn.Module):
-    """F(z, t, e) = w . h_L + v . phi(t) [+ z . (A phi(t) + B e + b)],
+    """F(z, t, e) = w . h_L + v . phi(t) [+ z . (A phi(t) + B e + b)] [+ 1/2 sum_i q_i(t, e) z_i^2],
     h_l = tanh(W_l h_{l-1} + U_l phi(t) + C_l e + b_l).
 
     The optional linear skip (``linear_skip``) carries the part of log h_t that is linear in
     z: for a linear reward on a Gaussian mode log h_t is exactly linear in x_t, with a slope
     that grows like 1/beta, and bounded tanh units need large weights to build a wide-range
     linear function. On the analytic bench the skip halved the 32-D cases' distance.
+    The optional diagonal quadratic skip (``quadratic_skip``) does the same for the part that is
+    quadratic: for a concave quadratic reward on a Gaussian mode log h_t is exactly quadratic
+    in x_t, with a curvature that grows like 1/beta (docs/learned-guidance.md, "Quadratic skip").
 
     Time (and the condition) enter every layer as an additive bias, so the gradient in z
     is the plain chain of the layer Jacobians and is written out by hand. tanh because its
@@ -91,10 +95,19 @@ class PotentialMLP(nn.Module):
                 nn.init.zeros_(layer.weight)
         if self.skip is not None:
             nn.init.zeros_(self.skip.bias)
+        self.quad = nn.Linear(self.time.dim, config.dim) if config.quadratic_skip else None
+        self.quad_cond = nn.Linear(config.cond_dim, config.dim, bias=False) \
+            if config.quadratic_skip and config.cond_dim else None
+        for layer in (self.quad, self.quad_cond):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+        if self.quad is not None:
+            nn.init.zeros_(self.quad.bias)
 
-    def _biases(self, t: Tensor, emb: Tensor | None, n: int) -> tuple[list[Tensor], Tensor, Tensor | None]:
-        """Per-layer biases b_l + U_l phi(t) (+ C_l e), [1 or N, H], the t-only term of F [N]
-        and the skip slope A phi(t) + b [1 or N, dim] (None without the skip)."""
+    def _biases(self, t: Tensor, emb: Tensor | None, n: int
+                ) -> tuple[list[Tensor], Tensor, Tensor | None, Tensor | None]:
+        """Per-layer biases b_l + U_l phi(t) (+ C_l e), [1 or N, H], the t-only term of F [N],
+        the skip slope A phi(t) + b and the skip curvature q [1 or N, dim] (None without them)."""
         # During sampling every row shares t: embed it once and broadcast.
         same_t = t.numel() > 1 and bool((t == t[0]).all())
         phi = self.time(t[:1] if same_t else t)
@@ -106,7 +119,10 @@ class PotentialMLP(nn.Module):
         slope = None if self.skip is None else self.skip(phi)
         if self.skip_cond is not None:
             slope = slope + self.skip_cond(emb)
-        return biases, self.time_out(phi)[:, 0].expand(n), slope
+        curve = None if self.quad is None else self.quad(phi)
+        if self.quad_cond is not None:
+            curve = curve + self.quad_cond(emb)
+        return biases, self.time_out(phi)[:, 0].expand(n), slope, curve
 
     def _check(self, z: Tensor) -> None:
         if z.ndim != 2 or z.shape[1] != self.config.dim:
@@ -115,12 +131,14 @@ class PotentialMLP(nn.Module):
     def forward(self, z: Tensor, t: Tensor, emb: Tensor | None = None) -> Tensor:
         """F [N]."""
         self._check(z)
-        biases, f_t, slope = self._biases(t, emb, z.shape[0])
+        biases, f_t, slope, curve = self._biases(t, emb, z.shape[0])
         h = z
         for layer, bias in zip(self.layers, biases):
             h = torch.tanh(self._affine(layer, h, bias))
         value = self.out(h)[:, 0] + f_t
-        return value if slope is None else value + (z * slope).sum(1)
+        if slope is not None:
+            value = value + (z * slope).sum(1)
+        return value if curve is None else value + 0.5 * (curve * z * z).sum(1)
 
     @staticmethod
     def _affine(layer: nn.Linear, h: Tensor, bias: Tensor) -> Tensor:
@@ -132,7 +150,7 @@ class PotentialMLP(nn.Module):
         """(F [N], dF/dz [N, dim]) with the backward pass written out (F is only its t-term
         when ``need_value`` is False: sampling needs the gradient alone)."""
         self._check(z)
-        biases, f_t, skip = self._biases(t, emb, z.shape[0])
+        biases, f_t, skip, curve = self._biases(t, emb, z.shape[0])
         h, slopes = z, []
         for layer, bias in zip(self.layers, biases):
             h, slope = _tanh_and_slope(self._affine(layer, h, bias))
@@ -141,11 +159,16 @@ class PotentialMLP(nn.Module):
         delta = self.out.weight  # [1, H], broadcast over rows
         for layer, slope in zip(reversed(self.layers), reversed(slopes)):
             delta = (delta * slope) @ layer.weight
-        if skip is None:
-            return value, delta
-        if need_value:
-            value = value + (z * skip).sum(1)
-        return value, delta + skip
+        if skip is not None:
+            if need_value:
+                value = value + (z * skip).sum(1)
+            delta = delta + skip
+        if curve is not None:
+            cz = curve * z
+            if need_value:
+                value = value + 0.5 * (cz * z).sum(1)
+            delta = delta + cz
+        return value, delta
 
 
 @dataclass(frozen=True)

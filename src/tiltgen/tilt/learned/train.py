@@ -115,7 +115,7 @@ def default_net(shape: Sequence[int], cond_dim: int = 0, coords: bool = False) -
     """MLP for vectors [d], conv net for images [C, H, W] (``coords``: with coordinate channels)."""
     if len(shape) == 1:
         return {"kind": "mlp", "dim": int(shape[0]), "hidden": 128, "depth": 3, "cond_dim": cond_dim,
-                "linear_skip": True}
+                "linear_skip": True, "quadratic_skip": True}
     if len(shape) == 3:
         net = {"kind": "conv", "channels": int(shape[0]), "width": 32, "depth": 3, "cond_dim": cond_dim}
         return {**net, "coords": True} if coords else net
