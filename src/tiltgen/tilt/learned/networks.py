@@ -87,22 +87,32 @@ class PotentialMLP(nn.Module):
         self.time_out = nn.Linear(self.time.dim, 1, bias=False)
         nn.init.zeros_(self.out.weight)  # start at F = 0: no guidance until trained
         nn.init.zeros_(self.out.bias)
-        self.skip = nn.Linear(self.time.dim, config.dim) if config.linear_skip else None
-        self.skip_cond = nn.Linear(config.cond_dim, config.dim, bias=False) \
-            if config.linear_skip and config.cond_dim else None
-        for layer in (self.skip, self.skip_cond):
-            if layer is not None:  # zero: an untrained network gives no guidance
-                nn.init.zeros_(layer.weight)
-        if self.skip is not None:
-            nn.init.zeros_(self.skip.bias)
-        self.quad = nn.Linear(self.time.dim, config.dim) if config.quadratic_skip else None
-        self.quad_cond = nn.Linear(config.cond_dim, config.dim, bias=False) \
-            if config.quadratic_skip and config.cond_dim else None
-        for layer in (self.quad, self.quad_cond):
+        # per-coordinate skip coefficients A phi(t) + B e + b (linear) and Q phi(t) + C e + c (quadratic)
+        self.skip, self.skip_cond = self._coefficient_layers(config.linear_skip)
+        self.quad, self.quad_cond = self._coefficient_layers(config.quadratic_skip)
+
+    def _coefficient_layers(self, enabled: bool) -> tuple[nn.Linear | None, nn.Linear | None]:
+        """(phi(t) -> [dim] with bias, e -> [dim] without; None where absent), zero-initialised so an
+        untrained network gives no guidance."""
+        if not enabled:
+            return None, None
+        config = self.config
+        from_time = nn.Linear(self.time.dim, config.dim)
+        from_cond = nn.Linear(config.cond_dim, config.dim, bias=False) if config.cond_dim else None
+        for layer in (from_time, from_cond):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
-        if self.quad is not None:
-            nn.init.zeros_(self.quad.bias)
+        nn.init.zeros_(from_time.bias)
+        return from_time, from_cond
+
+    @staticmethod
+    def _coefficients(from_time: nn.Linear | None, from_cond: nn.Linear | None, phi: Tensor,
+                      emb: Tensor | None) -> Tensor | None:
+        """[1 or N, dim] skip coefficients, or None without that skip."""
+        if from_time is None:
+            return None
+        value = from_time(phi)
+        return value if from_cond is None else value + from_cond(emb)
 
     def _biases(self, t: Tensor, emb: Tensor | None, n: int
                 ) -> tuple[list[Tensor], Tensor, Tensor | None, Tensor | None]:
@@ -116,12 +126,8 @@ class PotentialMLP(nn.Module):
             if emb is None:
                 raise TiltgenError("this guidance network is conditional: pass a condition embedding")
             biases = [b + proj(emb) for b, proj in zip(biases, self.cond_in)]
-        slope = None if self.skip is None else self.skip(phi)
-        if self.skip_cond is not None:
-            slope = slope + self.skip_cond(emb)
-        curve = None if self.quad is None else self.quad(phi)
-        if self.quad_cond is not None:
-            curve = curve + self.quad_cond(emb)
+        slope = self._coefficients(self.skip, self.skip_cond, phi, emb)
+        curve = self._coefficients(self.quad, self.quad_cond, phi, emb)
         return biases, self.time_out(phi)[:, 0].expand(n), slope, curve
 
     def _check(self, z: Tensor) -> None:
