@@ -167,3 +167,44 @@ def test_flow_loss_weight_is_min_snr_on_the_x0_error():
     assert float(flow_loss_weight(torch.sigmoid(torch.randn(400_000, generator=g)), 5.0).mean()) == pytest.approx(1, abs=0.01)
     grid = torch.linspace(0.01, 0.99, 981)
     assert float(grid[flow_loss_weight(grid, 5.0).argmax()]) == pytest.approx(1 / (1 + 5 ** 0.5), abs=0.002)
+
+
+def test_teacher_flow_velocity_is_exact_for_an_exact_vp_teacher():
+    """A VP v-prediction teacher that is exact for a point mass x0 (in its own, shifted latent
+    space) must give the flow velocity eps - x0 of that point mass, at flow times snapped to the
+    teacher's grid of equal SNR; the snapped times are the grid points nearest to the asked ones."""
+    from tiltgen.builtin.recipes.flow import snap_times, teacher_flow_velocity, teacher_times
+    from tiltgen.builtin.recipes.pipelines import sd_scheduler
+
+    abar = sd_scheduler().alphas_cumprod
+    grid = teacher_times(abar)
+    assert bool((grid[1:] > grid[:-1]).all())
+    snr_flow = ((1 - grid) / grid) ** 2
+    torch.testing.assert_close(snr_flow, abar.double() / (1 - abar.double()), rtol=1e-9, atol=0)
+    t_asked = torch.tensor([0.01, 0.2, 0.5, 0.77, 0.999], dtype=torch.float64)
+    k, t = snap_times(t_asked, grid)
+    assert torch.equal(k, (grid.view(1, -1) - t_asked.view(-1, 1)).abs().argmin(1))
+    torch.testing.assert_close(t, grid[k])
+
+    offset = 0.7
+    g = torch.Generator().manual_seed(0)
+    x0_flow = torch.randn(1, 4, 8, 8, generator=g, dtype=torch.float64).expand(5, -1, -1, -1)
+    eps = torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64)
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * x0_flow + tt * eps
+
+    class ExactUNet:
+        """v = alpha eps - sigma x0 for the point mass x0_flow + offset (the teacher's latents)."""
+
+        def __call__(self, z, k, encoder_hidden_states):
+            a = abar.double()[k].sqrt().view(-1, 1, 1, 1)
+            s = (1 - abar.double()[k]).sqrt().view(-1, 1, 1, 1)
+            x0 = x0_flow + offset
+            noise = (z.double() - a * x0) / s
+            return argparse.Namespace(sample=(a * noise - s * x0).float())
+
+    teacher = (ExactUNet(), lambda ids: (torch.zeros(ids.shape[0], ids.shape[1], 8),))
+    from tiltgen.builtin.recipes.text import clip_tokenizer
+
+    got = teacher_flow_velocity(teacher, clip_tokenizer(), abar, x_t.float(), k, t, [""] * 5, offset)
+    torch.testing.assert_close(got.double(), eps - x0_flow, atol=1e-4, rtol=1e-4)  # float32 UNet input

@@ -78,19 +78,21 @@ def load_teachers(text: str | None) -> list[tuple[Any, Any]]:
     """``HIGH,LOW`` world-diffusion folders as frozen (UNet, text encoder) pairs (empty: no teachers)."""
     if text is None:
         return []
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     folders = text.split(",")
     if len(folders) != 2:
         raise TiltgenError(f"--teachers takes HIGH,LOW (two pipeline folders), got {text!r}")
-    out = []
-    for folder in folders:
-        path = resolve_weights(folder, "teacher pipeline")
-        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=torch.float32).eval()
-        text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=torch.float32).eval()
-        out.append((unet.requires_grad_(False), text_encoder.requires_grad_(False)))
-    return out
+    return [load_teacher(folder) for folder in folders]
+
+
+def load_teacher(folder: str) -> tuple[Any, Any]:
+    """A world-diffusion folder's UNet and text encoder, frozen, in float32."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = resolve_weights(folder, "teacher pipeline")
+    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=torch.float32).eval()
+    return unet.requires_grad_(False), text_encoder.requires_grad_(False)
 
 
 @torch.no_grad()

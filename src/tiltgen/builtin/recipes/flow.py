@@ -11,6 +11,14 @@ own ``encode_prompt``, so training sees exactly what sampling does. The T5 seque
 ``T5_MAX_LENGTH`` tokens (tiltgen's default) and sometimes 256 (the pipeline's default), so
 plain diffusers calls work too. The EMA of the weights is saved. ``--min-snr GAMMA`` weights the
 velocity loss as min-SNR-gamma weights the x0 error (``flow_loss_weight``).
+
+``--teacher FOLDER`` distils a trained world-diffusion folder (VP, v-prediction) instead of fitting
+the data's velocity: each training time is snapped to the teacher timestep of equal SNR, the noised
+latent is rescaled into the teacher's space, and the target is the velocity eps_hat - x0_hat implied
+by the teacher's prediction there (``teacher_flow_velocity``). The target is a conditional mean with
+no irreducible noise, so a small transformer learns from it what the data's noisy velocity did not
+teach it: the SD-like model's composition of unseen (shape, colour) pairs (docs/builtin-world.md).
+``--init FOLDER`` starts from a trained world-flow folder's transformer and text encoders.
 """
 
 from __future__ import annotations
@@ -18,12 +26,15 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from ...builtin import resolve_weights
+from ...core.conversions import Coefficients, to_x0_eps
 from .common import Trainer, base_parser, finish, setup, write_readme
+from .diffusion import encode_prompts, load_teacher
 from .latents import latent_bank, latent_channel_variance, sample_latents, training_captions
 from .pipelines import (SD3_CLIP_DIM, SD3_T5_DIM, load_vae, save_sd3_pipeline, sd3_scheduler, sd3_transformer_config,
                         write_info)
@@ -58,12 +69,55 @@ def _logit_normal_mean(gamma: float, points: int = 20001) -> float:
     return float((_min_snr_t2(torch.sigmoid(u), gamma) * density).sum() / density.sum())
 
 
+def teacher_times(alphas_cumprod: Tensor) -> Tensor:
+    """Flow times [K] (float64, increasing) with the SNR of each teacher timestep k:
+    ((1 - t) / t)^2 = abar_k / (1 - abar_k), so t = sigma_k / (alpha_k + sigma_k)."""
+    abar = alphas_cumprod.double()
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    return sigma / (alpha + sigma)
+
+
+def snap_times(t: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
+    """For flow times ``t`` [B]: the nearest teacher timestep k [B] (long) on ``grid`` [K] and its
+    flow time grid[k] [B] (float64), so student and teacher see the same noise level exactly."""
+    t = t.double()
+    upper = torch.searchsorted(grid, t).clamp(1, grid.shape[0] - 1)
+    lower = upper - 1
+    k = torch.where((t - grid[lower]).abs() <= (grid[upper] - t).abs(), lower, upper)
+    return k, grid[k]
+
+
+@torch.no_grad()
+def teacher_flow_velocity(teacher: tuple[Any, Any], tokenizer, alphas_cumprod: Tensor, x_t: Tensor, k: Tensor,
+                          t: Tensor, prompts: Sequence[str], offset: float) -> Tensor:
+    """Flow velocity [B, C, H, W] at x_t = (1 - t) x0 + t eps implied by a VP v-prediction teacher.
+
+    The teacher's latents are the flow's plus ``offset`` (the VAE shift times its scale). With
+    alpha, sigma the teacher's coefficients at timestep k (same SNR as t), its input is
+    z_k = (alpha + sigma) (x_t + (1 - t) offset) = alpha x0_teacher + sigma eps, and the target is
+    eps_hat - (x0_hat - offset), the flow's dx_t/dt."""
+    unet, text_encoder = teacher
+    shape = (-1,) + (1,) * (x_t.dim() - 1)
+    abar = alphas_cumprod.double()[k].view(shape)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    z_k = (alpha + sigma) * (x_t.double() + (1 - t.double().view(shape)) * offset)
+    v = unet(z_k.float(), k, encoder_hidden_states=encode_prompts(tokenizer, text_encoder, prompts)).sample
+    zero = torch.zeros_like(alpha)
+    x0, eps = to_x0_eps("v", v.double(), z_k, Coefficients(alpha, sigma, zero, zero))
+    return (eps - (x0 - offset)).float()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("python -m tiltgen.builtin.recipes.flow", __doc__, steps=6000, batch_size=128, lr=1e-3)
     parser.add_argument("--vae", required=True, help="the world AutoencoderKL folder (recipes.vae)")
     parser.add_argument("--data", type=int, default=120000, help="training images")
     parser.add_argument("--min-snr", type=float, default=0.0,
                         help="weight the velocity loss as min-SNR-gamma weights the x0 error (0: unweighted)")
+    parser.add_argument("--init", default=None,
+                        help="start from this world-flow pipeline folder's transformer and text encoders")
+    parser.add_argument("--teacher", default=None,
+                        help="distil this world-diffusion folder (VP, v-prediction): the target is the velocity its "
+                             "prediction implies at the same SNR, not the data's")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     work = setup(args)
@@ -74,16 +128,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale, shift = float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
     bank = latent_bank(vae, args.data, seed=args.seed + 21)
     tokenizers = (clip_tokenizer(), clip_tokenizer(), t5_tokenizer())
-    encoders = (CLIPTextModelWithProjection(clip_text_config(len(tokenizers[0]), SD3_CLIP_DIM)),
-                CLIPTextModelWithProjection(clip_text_config(len(tokenizers[1]), SD3_CLIP_DIM)),
-                T5EncoderModel(t5_config(len(tokenizers[2]), SD3_T5_DIM)))
-    transformer = SD3Transformer2DModel(**sd3_transformer_config())
+    if args.init:
+        init = resolve_weights(args.init, "initial pipeline")
+        encoders = (CLIPTextModelWithProjection.from_pretrained(str(init / "text_encoder"), torch_dtype=torch.float32),
+                    CLIPTextModelWithProjection.from_pretrained(str(init / "text_encoder_2"),
+                                                                torch_dtype=torch.float32),
+                    T5EncoderModel.from_pretrained(str(init / "text_encoder_3"), torch_dtype=torch.float32))
+        transformer = SD3Transformer2DModel.from_pretrained(str(init / "transformer"), torch_dtype=torch.float32)
+    else:
+        encoders = (CLIPTextModelWithProjection(clip_text_config(len(tokenizers[0]), SD3_CLIP_DIM)),
+                    CLIPTextModelWithProjection(clip_text_config(len(tokenizers[1]), SD3_CLIP_DIM)),
+                    T5EncoderModel(t5_config(len(tokenizers[2]), SD3_T5_DIM)))
+        transformer = SD3Transformer2DModel(**sd3_transformer_config())
+    teacher = load_teacher(args.teacher) if args.teacher else None
+    if teacher is not None:
+        from diffusers import DDIMScheduler
+
+        teacher_abar = DDIMScheduler.from_pretrained(
+            str(resolve_weights(args.teacher, "teacher pipeline") / "scheduler")).alphas_cumprod
+        grid = teacher_times(teacher_abar)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sd3_scheduler(), vae=vae,
                                     text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1],
                                     tokenizer_2=tokenizers[1], text_encoder_3=encoders[2], tokenizer_3=tokenizers[2])
     trainer = Trainer({"transformer": transformer, "text_encoder": encoders[0], "text_encoder_2": encoders[1],
                        "text_encoder_3": encoders[2]}, args)
     n = bank["mean"].shape[0]
+    teacher_tokenizer = clip_tokenizer()
 
     def loss_at(step: int, g: torch.Generator) -> Tensor:
         idx = torch.randint(0, n, (args.batch_size,), generator=g)
@@ -93,11 +163,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=torch.device("cpu"),
                                                   do_classifier_free_guidance=False, max_sequence_length=length)
         t = torch.sigmoid(torch.randn(args.batch_size, generator=g))  # logit-normal(0, 1)
+        if teacher is not None:
+            k, t = snap_times(t, grid)
+            t = t.float()
         eps = torch.randn(x0.shape, generator=g)
         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+        if teacher is not None:
+            target = teacher_flow_velocity(teacher, teacher_tokenizer, teacher_abar, x_t, k, t, prompts, shift * scale)
+        else:
+            target = eps - x0
         pred = transformer(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=embeds,
                            pooled_projections=pooled, return_dict=False)[0]
-        err = (pred - (eps - x0)).pow(2).flatten(1).mean(1)
+        err = (pred - target).pow(2).flatten(1).mean(1)
         return (flow_loss_weight(t, args.min_snr) * err).mean()
 
     try:
