@@ -127,12 +127,16 @@ def test_bench_patterns_and_costs():
     assert by["smc-2+trainingfree"]["reward_grad_evals"] == 2 * 8  # drift on every step but the last
     with pytest.raises(TiltgenError, match="particles"):
         resolve_method("twisted-smc-0")
-    twisted = run_analytic_bench(["ring2d-linear-b2"], ["flow"], ["twisted-smc-4"],
+    twisted = run_analytic_bench(["ring2d-linear-b2"], ["flow"], ["twisted-smc-4", "twisted-nohandoff-smc-4"],
                                  BenchSettings(n=40, steps=5, train_steps=20, train_data=200, train_pool=2000),
                                  progress=False).records
     row = next(r for r in twisted if r["method"] == "twisted-smc-4")
     assert row["model_evals"] == 4 * 9 and len(row["ess_per_step"]) == 9 and 0 < row["ess_min"] <= 1
     assert row["train_reward_evals"] > 0 and abs(row["log_z"] - row["log_z_exact"]) < 2
+    # the default hands over to the plug-in, whose reward is evaluated at every step to compare
+    plain = next(r for r in twisted if r["method"] == "twisted-nohandoff-smc-4")
+    assert row["handoff"] and not plain["handoff"] and plain["handoff_t"] is None
+    assert row["reward_evals"] == 4 * (9 + 1) and plain["reward_evals"] == 4  # 9 steps and the final reward
 
 
 def test_twisted_smc_with_the_exact_twist_has_even_weights_and_the_exact_normaliser():
@@ -173,6 +177,38 @@ def test_twisted_smc_with_a_learned_twist_evens_the_weights():
     assert abs(float(twisted.log_z.mean()) - tilt.log_z) < abs(float(plugin.log_z.mean()) - tilt.log_z)
     exact = tilt.tilted.sample(3000, torch.Generator().manual_seed(1))
     assert energy_distance(twisted.samples, exact) < 0.05
+
+
+def test_twisted_smc_hands_a_twist_wrong_near_the_data_over_to_the_plug_in():
+    """A twist that is exact at high noise and wrong near the data (where the plug-in
+    r(x0_hat)/beta is nearly exact): with ``handoff`` the plug-in takes over once its one-step
+    weight increments vary less, and the samples and log Z come back to the exact tilt's."""
+    from tiltgen.tilt import ExactGuidance
+
+    base = two_modes()
+    beta = 0.5
+    tilt = base.tilt(LINEAR, beta)
+    oracle = tilt.oracle(FLOW)
+    model = base.model(FLOW, "velocity")
+
+    def wrong_near_data(x, t, cond):  # exact above t = 0.4, then a growing wrong bump in x
+        ramp = (0.4 - t).clamp_min(0.0) / 0.4
+        return oracle.log_h(x, t) + 6.0 * ramp * torch.sin(2.0 * x[:, 0])
+
+    kwargs = dict(n=400, particles=8, shape=(1,), steps=100, dtype=torch.float64, drift=ExactGuidance(oracle))
+    counted = CountingReward(LINEAR)
+    plain = smc_sample(model, FLOW, LINEAR, beta, twist=wrong_near_data, **kwargs)
+    handed = smc_sample(model, FLOW, counted, beta, twist=wrong_near_data, handoff=True, **kwargs)
+    assert plain.handoff_t is None and handed.handoff_t is not None and 0.0 < handed.handoff_t <= 0.45
+    exact = tilt.tilted.sample(4000, torch.Generator().manual_seed(1))
+    assert energy_distance(handed.samples, exact) < 0.5 * energy_distance(plain.samples, exact)
+    assert abs(float(handed.log_z.mean()) - tilt.log_z) < abs(float(plain.log_z.mean()) - tilt.log_z)
+    assert counted.evals == 400 * 8 * (100 + 1)  # the plug-in at every step (to compare, then to twist), the final reward
+    # handing over the exact twist costs nothing (the weights telescope between resamplings)
+    exact_twist = smc_sample(model, FLOW, LINEAR, beta, twist=oracle.log_h, handoff=True, **kwargs)
+    assert energy_distance(exact_twist.samples, exact) < 0.02
+    with pytest.raises(TiltgenError, match="handoff=True hands a twist over"):
+        smc_sample(model, FLOW, LINEAR, beta, handoff=True, **{**kwargs, "n": 2})
 
 
 def test_exact_tilt_with_the_smc_sampler_is_the_smc_rows_floor():

@@ -9,9 +9,12 @@
 * ``learned-poisson``        log-space regression exp(l) - w l + consistency
 * ``learned-mse``            plain MSE of exp(r/beta) weights + consistency
 * ``twisted-smc-<N>``        SMC with N particles: the default network's log potential as the
-                             twist, its drift as the proposal (tilt.particles); records the
-                             per-step ESS and the log normalising-constant estimate
-* ``twisted-single-smc-<N>`` the same with the one-stage network
+                             twist, handed over to the plug-in r(x0_hat)/beta once the plug-in's
+                             weight increments vary less (``handoff``), its drift as the proposal
+                             (tilt.particles); records the per-step ESS, the hand-off time and the
+                             log normalising-constant estimate
+* ``twisted-nohandoff-smc-<N>`` the same with the network's twist to the end
+* ``twisted-single-smc-<N>`` the default twisted SMC with the one-stage network
 * ``learned-stagesmc-<N>``   ``learned`` with every later stage's samples drawn by twisted SMC with N
                              particles, kept with their weights (``stage_particles``)
 
@@ -87,18 +90,22 @@ def run_learned(ctx: MethodContext, loss: str = DEFAULT_LOSS, eta: float = DEFAU
     return MethodOutput(samples, setup_s=setup, extra=record)
 
 
-@register_method_pattern(r"twisted-(single-)?smc-(\d+)", example="twisted-smc-<N>")
+@register_method_pattern(r"twisted-(single-|nohandoff-)?smc-(\d+)", example="twisted-smc-<N>")
 def _twisted_smc_factory(match: re.Match[str]) -> MethodRunner:
-    """Twisted SMC: the learned network's log potential is the twist, its drift the proposal."""
+    """Twisted SMC: the learned network's log potential is the twist (handed over to the plug-in
+    near the data unless ``nohandoff``), its drift the proposal."""
     particles = particle_count(match, group=2)
-    anneal = match.group(1) is None
+    anneal = match.group(1) != "single-"
+    handoff = match.group(1) != "nohandoff-"
 
     def run(ctx: MethodContext) -> MethodOutput:
         result, setup, record = _train(ctx, DEFAULT_LOSS, DEFAULT_ETA, anneal)
-        outs = run_smc_chunks(ctx, particles, result.guidance, result.guidance.log_twist)
+        outs = run_smc_chunks(ctx, particles, result.guidance, result.guidance.log_twist, handoff=handoff)
         per_step = torch.tensor([o.ess for o in outs], dtype=torch.float64).mean(0)
+        handoff_t = [o.handoff_t for o in outs if o.handoff_t is not None]
         return MethodOutput(torch.cat([o.samples for o in outs]), setup_s=setup, extra={
-            "sampler": SMC_SAMPLER, "smc_steps": smc_steps(ctx), "particles": particles,
+            "sampler": SMC_SAMPLER, "smc_steps": smc_steps(ctx), "particles": particles, "handoff": handoff,
+            "handoff_t": [min(handoff_t), max(handoff_t)] if handoff_t else None,
             "ess_per_step": [round(float(v), 4) for v in per_step],
             "ess_min": float(per_step.min()), "log_z": float(torch.cat([o.log_z for o in outs]).mean()),
             "log_z_exact": float(ctx.tilted.log_z), **record})

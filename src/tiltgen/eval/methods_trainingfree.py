@@ -152,12 +152,14 @@ def particle_count(match: re.Match[str], group: int = 1) -> int:
 
 
 def run_smc_chunks(ctx: MethodContext, particles: int, drift: GuidanceEstimator | None = None,
-                   twist: Callable[[Tensor, Tensor, object], Tensor] | None = None) -> list[ParticleResult]:
+                   twist: Callable[[Tensor, Tensor, object], Tensor] | None = None,
+                   handoff: bool = False) -> list[ParticleResult]:
     """SMC over the bench's n samples in chunks of populations, on the bench's seeds: the
-    ParticleResult of each chunk (``drift``, ``twist`` as in :func:`smc_sample`)."""
+    ParticleResult of each chunk (``drift``, ``twist``, ``handoff`` as in :func:`smc_sample`)."""
     s = ctx.settings
     return [smc_sample(ctx.model, ctx.family.schedule, ctx.reward, ctx.beta, n=count, particles=particles,
-                       shape=(ctx.case.dim,), drift=drift, twist=twist, sampler=SMC_SAMPLER, steps=smc_steps(ctx),
+                       shape=(ctx.case.dim,), drift=drift, twist=twist, handoff=handoff, sampler=SMC_SAMPLER,
+                       steps=smc_steps(ctx),
                        spacing=ctx.family.spacing, seed=s.seed + 7919 * start, dtype=torch.float64)
             for start, count in _chunks(s.n, particles)]
 

@@ -30,6 +30,16 @@ consistent as N grows whatever the twist. Every run also returns the log normali
 estimate log Z ≈ log E_p[exp(r(x0)/beta)] per population: the sum, over the resampling epochs,
 of the log mean weight (unbiased in Z).
 
+**Hand-off** (``handoff=True``). A learned log h_t is accurate at high noise, where the plug-in
+is far off, but its error grows towards the data, where the plug-in becomes exact (at t = 0 it
+*is* log h_0 = r/beta). Every step then evaluates both, and the step's log-weight increments
+log h_{t_next} - log h_t + (proposal correction) under each. The exact twist, with the exact
+drift, makes them equal across particles, so their spread within a population measures a
+twist's error where the particles are. From the first step at which the plug-in's spread is
+the smaller, the plug-in is the twist to the end. Any sequence of twists leaves SMC consistent
+(the final weight is exact), and between resamplings the twists telescope out of the weights,
+so the choice only decides where resampling moves the particles.
+
 **Best-of-N** keeps the highest-reward particle of each population: a baseline that is
 *not* consistent for p* (it converges to the reward maximiser as N grows).
 """
@@ -66,6 +76,7 @@ class ParticleResult:
     ess: list[float] | None = None
     log_z: Tensor | None = None  # [n] estimate of log E_p[exp(r / beta)] per population (SMC)
     rewards: Tensor | None = None  # [n, N] float64 final rewards of the particles (SMC)
+    handoff_t: float | None = None  # twisted SMC with hand-off: the time the plug-in twist took over
 
 
 def check_particles(particles: int) -> int:
@@ -170,14 +181,17 @@ def _transition_log_ratio(x_next: Tensor, mean_q: Tensor, mean_p: Tensor, z: Ten
 
 def smc_sample(model: Model, schedule: Schedule, reward: Reward, beta: float, *, n: int, particles: int,
                shape: Sequence[int], cond: Any = None, drift: GuidanceEstimator | None = None,
-               twist: Callable[[Tensor, Tensor, Any], Tensor] | None = None,
+               twist: Callable[[Tensor, Tensor, Any], Tensor] | None = None, handoff: bool = False,
                sampler: str = "ddpm", steps: int = 50, spacing: str = "uniform", ess_threshold: float = 0.5,
                seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> ParticleResult:
     """SMC / Feynman-Kac steering (module docstring): n populations of N particles -> ParticleResult.
 
     ``cond`` is per population ([n, ...] tensor or list of n prompts, or None). ``twist``:
     ``(x_t, t [n*N], cond) -> log h_t estimate [n*N]`` (twisted SMC); default the plug-in
-    r(x0_hat)/beta. Reproducible given (seed, n, N): one generator drives the whole batch.
+    r(x0_hat)/beta. ``handoff`` (with a ``twist``): from the first step at which the plug-in's
+    one-step log-weight increments vary less within the populations than the twist's, the
+    plug-in takes over (module docstring; costs one reward evaluation per particle and step).
+    Reproducible given (seed, n, N): one generator drives the whole batch.
     """
     model = as_model(model)
     reward = as_reward(reward)
@@ -190,6 +204,8 @@ def smc_sample(model: Model, schedule: Schedule, reward: Reward, beta: float, *,
                            f"proposal density ratio is known; got {sampler!r}")
     if n < 1:
         raise TiltgenError(f"the number of populations n must be >= 1, got {n}")
+    if handoff and twist is None:
+        raise TiltgenError("handoff=True hands a twist over to the plug-in r(x0_hat)/beta: give the twist to hand over")
     grid = time_grid(schedule, steps, spacing)
     gen = torch.Generator().manual_seed(int(seed))
     size = (n * big_n,) + tuple(int(d) for d in shape)
@@ -206,12 +222,18 @@ def smc_sample(model: Model, schedule: Schedule, reward: Reward, beta: float, *,
     resamples, ess_trace = 0, []
     log_z = torch.zeros(n, dtype=torch.float64)
     pairs = list(zip(grid[:-1].tolist(), grid[1:].tolist()))
-    for t, t_next in pairs:
+    handed, handoff_t = twist is None, None  # no twist: the plug-in from the start
+    plug, plug_prev = None, None
+    for step, (t, t_next) in enumerate(pairs):
         x0, eps, shift = stepper.evaluate(x, t, use_drift=t_next > 0)  # last step: no drift
-        if twist is None:
-            log_h = evaluate_reward(reward, x0, cond_p).detach().to(torch.float64) / beta
+        if handed or handoff:
+            plug = evaluate_reward(reward, x0, cond_p).detach().to(torch.float64) / beta
+        if handed:
+            log_h = plug
         else:
             log_h = _twist_values(twist, x, t, cond_p)
+            if handoff and step > 0 and _plug_in_steadier(plug - plug_prev, log_h - log_h_prev, correction, n, big_n):
+                log_h, handed, handoff_t = plug, True, float(t)
         log_w = log_w + (log_h - log_h_prev + correction).reshape(n, big_n)
         ess = ess_fraction(log_w)
         ess_trace.append(float(ess.mean()))
@@ -222,16 +244,27 @@ def smc_sample(model: Model, schedule: Schedule, reward: Reward, beta: float, *,
             idx[low] = systematic_resample(log_w[low], gen)
             x, x0, eps, log_h = (_gather(v, idx) for v in (x, x0, eps, log_h))
             shift = None if shift is None else _gather(shift, idx)
+            plug = None if plug is None else _gather(plug, idx)
             log_w = torch.where(low[:, None], torch.zeros_like(log_w), log_w)
             resamples += int(low.sum())
         x, correction = _move(step_fn, stepper, schedule, x, t, t_next, x0, eps, shift, noise)
-        log_h_prev = log_h
+        log_h_prev, plug_prev = log_h, plug
     final = evaluate_reward(reward, x, cond_p).detach().to(torch.float64) / beta
     log_w = log_w + (final - log_h_prev + correction).reshape(n, big_n)
     log_z += _log_mean_exp(log_w)
     pick = torch.multinomial(torch.softmax(log_w, 1), 1, generator=gen)[:, 0]
     return ParticleResult(_select(x, pick, big_n), x.reshape((n, big_n) + x.shape[1:]),
-                          torch.log_softmax(log_w, 1), resamples, ess_trace, log_z, (final * beta).reshape(n, big_n))
+                          torch.log_softmax(log_w, 1), resamples, ess_trace, log_z, (final * beta).reshape(n, big_n),
+                          handoff_t)
+
+
+def _plug_in_steadier(plug_step: Tensor, twist_step: Tensor, correction: Tensor, n: int, big_n: int) -> bool:
+    """Whether the plug-in's one-step log-weight increments [n*N] vary less within the populations
+    (variance over the N particles, averaged over the n populations) than the twist's."""
+    def spread(step: Tensor) -> float:
+        return float((step + correction).reshape(n, big_n).var(1, unbiased=False).mean())
+
+    return spread(plug_step) < spread(twist_step)
 
 
 def _log_mean_exp(log_w: Tensor) -> Tensor:
