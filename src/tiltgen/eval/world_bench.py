@@ -41,6 +41,8 @@ SAMPLING_ROWS = {"diffusion": ("unguided", "tweedie", "learned"), "onestep": ("u
 SMC_MODELS = ("diffusion", "flow")
 #: twisted SMC (the shipped learned network as twist and drift) at each particle count
 TWISTED_SMC_MODELS = ("diffusion",)
+#: its rows: the network's twist to the end, and handed over to the plug-in near the data
+TWISTED_METHODS = ("twisted-smc", "twisted-handoff-smc")
 #: fine-tuning baselines: (method, base model)
 #: the second headline counts only fine-tuned rows whose fidelity fell by at most this much
 FIDELITY_KEPT = 0.05
@@ -96,7 +98,7 @@ def _sampling_rows(particles: Sequence[int]) -> list[tuple[str, str, int]]:
     rows = [(name, m, 1) for name, methods in SAMPLING_ROWS.items() for m in methods]
     rows += [(name, "bestofn", k) for name in MODELS for k in particles]
     rows += [(name, "smc", k) for name in SMC_MODELS for k in particles]
-    return rows + [(name, "twisted-smc", k) for name in TWISTED_SMC_MODELS for k in particles]
+    return rows + [(name, m, k) for m in TWISTED_METHODS for name in TWISTED_SMC_MODELS for k in particles]
 
 
 def row_names() -> list[str]:
@@ -302,26 +304,28 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
     guidance = guidance or GUIDANCE.get((name, "learned"))
     key = {"model": model.fingerprint(), "method": method, "particles": particles, "n": settings.n,
            "beta": settings.beta, "prompts": list(settings.prompts),
-           "guidance": _guidance_identity(guidance) if method in ("learned", "twisted-smc") else None}
+           "guidance": _guidance_identity(guidance) if method in ("learned",) + TWISTED_METHODS else None}
 
     def compute(_: Path) -> dict[str, Any]:
         steps = model.backend.default_steps
         proxy_latent = model.latent_reward(judges.proxy)
         estimator = None
-        if method in ("tweedie", "trainingfree", "learned", "twisted-smc"):
-            learned = method in ("learned", "twisted-smc")
+        if method in ("tweedie", "trainingfree", "learned") + TWISTED_METHODS:
+            learned = method in ("learned",) + TWISTED_METHODS
             estimator, _beta = build_estimator(model, "learned" if learned else method, judges.proxy,
                                                None if learned else settings.beta, guidance=guidance)
         counter = CountingModel(model)
         wrapped = counter if estimator is None else GuidedModel(counter, model.schedule, estimator)
 
         def run(prompt: str, k: int, offset: int = 0) -> Tensor:
-            if method in ("smc", "twisted-smc"):
-                # twisted: the learned network's log potential twists, its drift proposes
-                twisted = method == "twisted-smc"
+            if method in ("smc",) + TWISTED_METHODS:
+                # twisted: the learned network's log potential twists (handed over to the plug-in
+                # near the data in twisted-handoff-smc), its drift proposes
+                twisted = method in TWISTED_METHODS
                 res = smc_sample(model, model.schedule, proxy_latent, settings.beta, n=k, particles=particles,
                                  shape=model.latent_shape, cond=[prompt] * k, steps=steps, seed=offset + 7,
-                                 drift=estimator if twisted else None, twist=estimator.log_twist if twisted else None)
+                                 drift=estimator if twisted else None, twist=estimator.log_twist if twisted else None,
+                                 handoff=method == "twisted-handoff-smc")
                 if twisted:
                     smc_trace.append({"ess": res.ess, "log_z": [float(v) for v in res.log_z]})
                 return model.decode(res.samples)
@@ -558,7 +562,7 @@ def run_bench(settings: BenchSettings, work: Path, progress: bool = True) -> dic
             continue
         stage = sampling_stage(cache, judges, name, MODELS[name], method, settings, particles=k)
         data = train = 0
-        if method == "twisted-smc":  # the shipped network's training (seed 0 of the learned row)
+        if method in TWISTED_METHODS:  # the shipped network's training (seed 0 of the learned row)
             shipped = (guidance_cost.get(name) or [{}])[0]
             data = shipped.get("data_flops", 0) + shipped.get("calibration_flops", 0)
             train = shipped.get("train_flops", 0)
