@@ -147,13 +147,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher_abar = DDIMScheduler.from_pretrained(
             str(resolve_weights(args.teacher, "teacher pipeline") / "scheduler")).alphas_cumprod
         grid = teacher_times(teacher_abar)
+        teacher_tokenizer = clip_tokenizer()
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sd3_scheduler(), vae=vae,
                                     text_encoder=encoders[0], tokenizer=tokenizers[0], text_encoder_2=encoders[1],
                                     tokenizer_2=tokenizers[1], text_encoder_3=encoders[2], tokenizer_3=tokenizers[2])
     trainer = Trainer({"transformer": transformer, "text_encoder": encoders[0], "text_encoder_2": encoders[1],
                        "text_encoder_3": encoders[2]}, args)
     n = bank["mean"].shape[0]
-    teacher_tokenizer = clip_tokenizer()
 
     def loss_at(step: int, g: torch.Generator) -> Tensor:
         idx = torch.randint(0, n, (args.batch_size,), generator=g)
