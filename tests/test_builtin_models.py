@@ -207,18 +207,9 @@ def test_sample_command_with_learned_guidance_on_a_builtin(tmp_path):
 def test_base_models_keep_fidelity_on_held_out_combinations(name):
     """Issue 11's bar: >= 0.85 per specified attribute on (shape, colour) pairs never trained on
     (16 images for each of the 12 held-out prompts, the models' default steps and CFG)."""
-    from diffusers import DiffusionPipeline
-
-    from tiltgen.world.prompts import held_out_prompts
+    from tiltgen.builtin.recipes.heldout import sample_held_out
     from tiltgen.world.rewards import attribute_fidelity
 
-    pipe = DiffusionPipeline.from_pretrained(str(builtin_path(name)))
-    pipe.set_progress_bar_config(disable=True)
-    info = json.loads((builtin_path(name) / "tiltgen.json").read_text())
-    extra = {"max_sequence_length": info["max_sequence_length"]} if "max_sequence_length" in info else {}
-    prompts = [p for p in held_out_prompts() for _ in range(16)]
-    with torch.no_grad():
-        images = pipe(prompts, num_inference_steps=info["default_steps"], guidance_scale=info["default_cfg"],
-                      output_type="pt", generator=torch.Generator().manual_seed(0), **extra).images
+    images, prompts = sample_held_out(builtin_path(name), images_per_prompt=16, seed=0)
     per_attribute = attribute_fidelity(images, prompts)["per_attribute"]
     assert min(per_attribute.values()) >= 0.85, per_attribute

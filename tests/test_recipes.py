@@ -208,3 +208,52 @@ def test_teacher_flow_velocity_is_exact_for_an_exact_vp_teacher():
 
     got = teacher_flow_velocity(teacher, clip_tokenizer(), abar, x_t.float(), k, t, [""] * 5, offset)
     torch.testing.assert_close(got.double(), eps - x0_flow, atol=1e-4, rtol=1e-4)  # float32 UNet input
+
+
+def test_flow_transformer_patch_size_keeps_the_parameters_and_the_latent_shape():
+    """Patch 1 gives 64 image tokens on the 8x8 latents instead of 16, with the same weights
+    count up to the patch embedding and output projection; other sizes are refused."""
+    from diffusers import SD3Transformer2DModel
+
+    from tiltgen.builtin.recipes.pipelines import sd3_transformer_config
+
+    torch.manual_seed(0)
+    counts = {}
+    for patch in (1, 2):
+        model = SD3Transformer2DModel(**sd3_transformer_config(patch))
+        counts[patch] = sum(p.numel() for p in model.parameters())
+        text = torch.randn(2, 5, model.config.joint_attention_dim)
+        pooled = torch.randn(2, model.config.pooled_projection_dim)
+        with torch.no_grad():
+            out = model(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([10.0, 900.0]),
+                        encoder_hidden_states=text, pooled_projections=pooled, return_dict=False)[0]
+        assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    assert abs(counts[1] - counts[2]) / counts[2] < 0.01
+    with pytest.raises(ValueError, match="patch_size"):
+        sd3_transformer_config(4)
+
+
+def test_held_out_report_counts_the_shapes_drawn_for_each_pair():
+    """Each image counts once, under the held-out pair its caption names; several shapes are
+    joined and an empty reading is counted as ""."""
+    from tiltgen.builtin.recipes.heldout import shapes_drawn
+    from tiltgen.world import HELD_OUT_PAIRS
+    from tiltgen.world.fidelity import Reading, SeenShape
+
+    def reading(*shapes):
+        return Reading(tuple(SeenShape(s, "purple", "small", "centre") for s in shapes), "white")
+
+    shape, colour = HELD_OUT_PAIRS[2]
+    prompts = [f"a {colour} {shape}", f"a small {colour} {shape} in the centre on a black background",
+               f"a {colour} {shape}", "a red circle"]
+    drawn = shapes_drawn([reading("circle"), reading("circle", "square"), reading(), reading("circle")], prompts)
+    assert set(drawn) == {f"{c} {s}" for s, c in HELD_OUT_PAIRS}
+    assert drawn[f"{colour} {shape}"] == {"circle": 1, "circle+square": 1, "": 1}
+    assert sum(sum(c.values()) for c in drawn.values()) == 3
+
+
+def test_held_out_report_refuses_a_folder_that_is_not_a_generator(tmp_path, capsys):
+    from tiltgen.builtin.recipes.heldout import main
+
+    assert main([str(tmp_path)]) == 2
+    assert "not a generator folder" in capsys.readouterr().err

@@ -39,11 +39,14 @@ def sd_scheduler():
                          clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=1)
 
 
-def sd3_transformer_config() -> dict:
-    """The SD3-like MMDiT on 8x8x4 latents: patch 2 (16 image tokens, as SD3), 4 joint blocks."""
-    return dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
-                num_attention_heads=3, joint_attention_dim=SD3_T5_DIM, caption_projection_dim=96,
-                pooled_projection_dim=2 * SD3_CLIP_DIM, pos_embed_max_size=4)
+def sd3_transformer_config(patch_size: int = 2) -> dict:
+    """The SD3-like MMDiT on 8x8x4 latents, 4 joint blocks: patch 2 gives 16 image tokens (as SD3),
+    patch 1 gives 64 with the same parameters and about 4x the compute per image."""
+    if patch_size not in (1, 2):
+        raise ValueError(f"patch_size must be 1 or 2 for 8x8 latents, got {patch_size}")
+    return dict(sample_size=8, patch_size=patch_size, in_channels=4, out_channels=4, num_layers=4,
+                attention_head_dim=32, num_attention_heads=3, joint_attention_dim=SD3_T5_DIM,
+                caption_projection_dim=96, pooled_projection_dim=2 * SD3_CLIP_DIM, pos_embed_max_size=8 // patch_size)
 
 
 def sd3_scheduler():
