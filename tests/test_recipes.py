@@ -257,3 +257,10 @@ def test_held_out_report_refuses_a_folder_that_is_not_a_generator(tmp_path, caps
 
     assert main([str(tmp_path)]) == 2
     assert "not a generator folder" in capsys.readouterr().err
+
+
+def test_held_out_report_names_the_pairs_of_given_captions():
+    from tiltgen.builtin.recipes.heldout import named_pairs
+
+    assert named_pairs(["a purple circle", "a small cyan square on the left", "a red shape", "two shapes",
+                        "a purple circle", ""]) == [("circle", "purple"), ("square", "cyan")]

@@ -25,40 +25,57 @@ from ...world.fidelity import Reading
 from ...world.prompts import held_out_prompts
 
 
-def sample_held_out(folder: Path, images_per_prompt: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """(images [12 * images_per_prompt, 3, 32, 32] in [0, 1], their captions) from a plain
-    diffusers load of ``folder`` at its recorded defaults."""
+def sample_held_out(folder: Path, images_per_prompt: int, seed: int = 0,
+                    captions: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """(images [len(captions) * images_per_prompt, 3, 32, 32] in [0, 1], their captions) from a
+    plain diffusers load of ``folder`` at its recorded defaults; ``captions`` defaults to the 12
+    held-out ones."""
     from diffusers import DiffusionPipeline
 
     info = json.loads((folder / "tiltgen.json").read_text())
     extra = {"max_sequence_length": info["max_sequence_length"]} if "max_sequence_length" in info else {}
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
-    prompts = [p for p in held_out_prompts() for _ in range(images_per_prompt)]
+    prompts = [p for p in (captions or held_out_prompts()) for _ in range(images_per_prompt)]
     with torch.no_grad():
         images = pipe(prompts, num_inference_steps=info["default_steps"], guidance_scale=info["default_cfg"],
                       output_type="pt", generator=torch.Generator().manual_seed(seed), **extra).images
     return images, prompts
 
 
-def shapes_drawn(readings: Sequence[Reading], prompts: Sequence[str]) -> dict[str, Counter]:
-    """{"colour shape" of each held-out pair: Counter of the shapes read in its images ("+"-joined
-    when several, "" when none)}."""
-    drawn: dict[str, Counter] = {f"{colour} {shape}": Counter() for shape, colour in HELD_OUT_PAIRS}
+def shapes_drawn(readings: Sequence[Reading], prompts: Sequence[str],
+                 pairs: Sequence[tuple[str, str]] = HELD_OUT_PAIRS) -> dict[str, Counter]:
+    """{"colour shape" of each (shape, colour) pair: Counter of the shapes read in the images whose
+    caption names it ("+"-joined when several, "" when none)}."""
+    drawn: dict[str, Counter] = {f"{colour} {shape}": Counter() for shape, colour in pairs}
     for reading, prompt in zip(readings, prompts, strict=True):
         words = prompt.split()
-        for shape, colour in HELD_OUT_PAIRS:
+        for shape, colour in pairs:
             if shape in words and colour in words:
                 drawn[f"{colour} {shape}"]["+".join(s.shape for s in reading.shapes)] += 1
     return drawn
 
 
-def report(folder: Path, images_per_prompt: int, seed: int = 0) -> dict[str, Any]:
+def named_pairs(captions: Sequence[str]) -> list[tuple[str, str]]:
+    """The (shape, colour) pairs that one-shape captions name, in order of first appearance."""
+    from ...world import parse_caption
+
+    pairs: list[tuple[str, str]] = []
+    for caption in captions:
+        for obj in parse_caption(caption).objects:
+            if obj.shape and obj.colour and (obj.shape, obj.colour) not in pairs:
+                pairs.append((obj.shape, obj.colour))
+    return pairs
+
+
+def report(folder: Path, images_per_prompt: int, seed: int = 0,
+           captions: Sequence[str] | None = None) -> dict[str, Any]:
     from ...world.rewards import attribute_fidelity
 
-    images, prompts = sample_held_out(folder, images_per_prompt, seed)
+    images, prompts = sample_held_out(folder, images_per_prompt, seed, captions)
     result = attribute_fidelity(images, prompts)
-    return {"per_attribute": result["per_attribute"], "shapes_drawn": shapes_drawn(result["readings"], prompts)}
+    pairs = named_pairs(captions) if captions else HELD_OUT_PAIRS
+    return {"per_attribute": result["per_attribute"], "shapes_drawn": shapes_drawn(result["readings"], prompts, pairs)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,13 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", help="generator pipeline folders (with tiltgen.json)")
     parser.add_argument("--images", type=int, default=16, help="images per held-out caption")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="a caption to use instead of the held-out ones (repeatable), e.g. a training pair")
     args = parser.parse_args(argv)
     for folder in map(Path, args.folders):
         if not (folder / "tiltgen.json").is_file() or not (folder / "model_index.json").is_file():
             print(f"error: {folder} is not a generator folder (needs model_index.json and tiltgen.json)",
                   file=sys.stderr)
             return 2
-        rec = report(folder, args.images, args.seed)
+        rec = report(folder, args.images, args.seed, args.prompt)
         print(f"{folder}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec["per_attribute"].items()))
         for pair, counts in rec["shapes_drawn"].items():
             total = sum(counts.values())
