@@ -264,3 +264,11 @@ def test_held_out_report_names_the_pairs_of_given_captions():
 
     assert named_pairs(["a purple circle", "a small cyan square on the left", "a red shape", "two shapes",
                         "a purple circle", ""]) == [("circle", "purple"), ("square", "cyan")]
+
+
+def test_held_out_report_refuses_a_caption_outside_the_world_before_sampling(capsys):
+    from tiltgen.builtin import builtin_path
+    from tiltgen.builtin.recipes.heldout import main
+
+    assert main([str(builtin_path("world-flow")), "--prompt", "a purple dragon"]) == 2
+    assert "dragon" in capsys.readouterr().err

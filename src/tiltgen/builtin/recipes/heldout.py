@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ...errors import TiltgenError
 from ...world import HELD_OUT_PAIRS
 from ...world.fidelity import Reading
 from ...world.prompts import held_out_prompts
@@ -72,9 +73,9 @@ def report(folder: Path, images_per_prompt: int, seed: int = 0,
            captions: Sequence[str] | None = None) -> dict[str, Any]:
     from ...world.rewards import attribute_fidelity
 
+    pairs = named_pairs(captions) if captions else HELD_OUT_PAIRS  # a caption outside the grammar fails here
     images, prompts = sample_held_out(folder, images_per_prompt, seed, captions)
     result = attribute_fidelity(images, prompts)
-    pairs = named_pairs(captions) if captions else HELD_OUT_PAIRS
     return {"per_attribute": result["per_attribute"], "shapes_drawn": shapes_drawn(result["readings"], prompts, pairs)}
 
 
@@ -92,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {folder} is not a generator folder (needs model_index.json and tiltgen.json)",
                   file=sys.stderr)
             return 2
-        rec = report(folder, args.images, args.seed, args.prompt)
+        try:
+            rec = report(folder, args.images, args.seed, args.prompt)
+        except TiltgenError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(f"{folder}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec["per_attribute"].items()))
         for pair, counts in rec["shapes_drawn"].items():
             total = sum(counts.values())
