@@ -12,7 +12,6 @@ learned to compose draws the shape its colour co-occurs with in training instead
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,8 +19,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ...builtin import read_info
 from ...errors import TiltgenError
-from ...world import HELD_OUT_PAIRS
+from ...world import HELD_OUT_PAIRS, parse_caption
 from ...world.fidelity import Reading
 from ...world.prompts import held_out_prompts
 
@@ -33,7 +33,7 @@ def sample_held_out(folder: Path, images_per_prompt: int, seed: int = 0,
     held-out ones."""
     from diffusers import DiffusionPipeline
 
-    info = json.loads((folder / "tiltgen.json").read_text())
+    info = read_info(folder)
     extra = {"max_sequence_length": info["max_sequence_length"]} if "max_sequence_length" in info else {}
     pipe = DiffusionPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
@@ -50,23 +50,23 @@ def shapes_drawn(readings: Sequence[Reading], prompts: Sequence[str],
     caption names it ("+"-joined when several, "" when none)}."""
     drawn: dict[str, Counter] = {f"{colour} {shape}": Counter() for shape, colour in pairs}
     for reading, prompt in zip(readings, prompts, strict=True):
-        words = prompt.split()
-        for shape, colour in pairs:
-            if shape in words and colour in words:
+        for shape, colour in _pairs_of(prompt):
+            if (shape, colour) in pairs:
                 drawn[f"{colour} {shape}"]["+".join(s.shape for s in reading.shapes)] += 1
     return drawn
 
 
 def named_pairs(captions: Sequence[str]) -> list[tuple[str, str]]:
-    """The (shape, colour) pairs that one-shape captions name, in order of first appearance."""
-    from ...world import parse_caption
-
+    """The (shape, colour) pairs that captions name, in order of first appearance."""
     pairs: list[tuple[str, str]] = []
     for caption in captions:
-        for obj in parse_caption(caption).objects:
-            if obj.shape and obj.colour and (obj.shape, obj.colour) not in pairs:
-                pairs.append((obj.shape, obj.colour))
+        pairs += [pair for pair in _pairs_of(caption) if pair not in pairs]
     return pairs
+
+
+def _pairs_of(caption: str) -> list[tuple[str, str]]:
+    """The (shape, colour) pairs of the objects a caption names with both (the world's parser)."""
+    return [(obj.shape, obj.colour) for obj in parse_caption(caption).objects if obj.shape and obj.colour]
 
 
 def report(folder: Path, images_per_prompt: int, seed: int = 0,
