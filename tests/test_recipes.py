@@ -233,6 +233,37 @@ def test_flow_transformer_patch_size_keeps_the_parameters_and_the_latent_shape()
         sd3_transformer_config(4)
 
 
+def test_disabled_pooled_projection_leaves_the_prompt_to_joint_attention_only():
+    """After ``disable_pooled_projection`` the output ignores the pooled embedding, still follows the
+    token sequence, and a training step leaves the projection at zero."""
+    from diffusers import SD3Transformer2DModel
+
+    from tiltgen.builtin.recipes.flow import disable_pooled_projection
+    from tiltgen.builtin.recipes.pipelines import sd3_transformer_config
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**sd3_transformer_config())
+    disable_pooled_projection(model)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0])
+    text = torch.randn(2, 5, model.config.joint_attention_dim)
+
+    def run(text, pooled):
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled,
+                     return_dict=False)[0]
+
+    pooled = torch.randn(2, model.config.pooled_projection_dim)
+    with torch.no_grad():
+        base = run(text, pooled)
+        assert torch.equal(base, run(text, 10 * torch.randn_like(pooled)))
+        assert not torch.allclose(base, run(torch.randn_like(text), pooled))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    run(text, pooled).pow(2).mean().backward()
+    opt.step()
+    projection = model.time_text_embed.text_embedder
+    assert all(not p.requires_grad and p.abs().max() == 0 for p in projection.parameters())
+
+
 def test_held_out_report_counts_the_shapes_drawn_for_each_pair():
     """Each image counts once, under the held-out pair its caption names; several shapes are
     joined and an empty reading is counted as ""."""

@@ -21,6 +21,8 @@ teach it: the SD-like model's composition of unseen (shape, colour) pairs (docs/
 ``--init FOLDER`` starts from a trained world-flow folder's transformer and text encoders.
 ``--patch-size 1`` gives the transformer 64 image tokens instead of 16 (same parameters, about 4x
 the compute); measured and not shipped: it drew held-out pairs' shapes worse (docs/builtin-world.md).
+``--no-pooled`` zeroes and freezes the transformer's pooled-text projection, so the prompt acts only
+through joint attention; measured and not shipped: held-out shape fell from 0.56 to 0.43.
 """
 
 from __future__ import annotations
@@ -109,6 +111,18 @@ def teacher_flow_velocity(teacher: tuple[Any, Any], tokenizer, alphas_cumprod: T
     return (eps - (x0 - offset)).float()
 
 
+def disable_pooled_projection(transformer: Any) -> None:
+    """Zero and freeze an ``SD3Transformer2DModel``'s pooled-text projection: the pooled CLIP
+    embedding then adds nothing to the timestep embedding that modulates every block, and the
+    prompt acts only through joint attention over its token sequence (as cross-attention does in
+    the SD-like UNet). The folder stays an ordinary SD3 transformer."""
+    projection = transformer.time_text_embed.text_embedder
+    with torch.no_grad():
+        for param in projection.parameters():
+            param.zero_()
+    projection.requires_grad_(False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("python -m tiltgen.builtin.recipes.flow", __doc__, steps=6000, batch_size=128, lr=1e-3)
     parser.add_argument("--vae", required=True, help="the world AutoencoderKL folder (recipes.vae)")
@@ -117,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="weight the velocity loss as min-SNR-gamma weights the x0 error (0: unweighted)")
     parser.add_argument("--patch-size", type=int, default=2, choices=(1, 2),
                         help="transformer patch size on the 8x8 latents (1: 64 image tokens, about 4x the compute)")
+    parser.add_argument("--no-pooled", action="store_true",
+                        help="zero and freeze the transformer's pooled-text projection, so the prompt reaches it "
+                             "only through joint attention over its tokens")
     parser.add_argument("--init", default=None,
                         help="start from this world-flow pipeline folder's transformer and text encoders")
     parser.add_argument("--teacher", default=None,
@@ -144,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     CLIPTextModelWithProjection(clip_text_config(len(tokenizers[1]), SD3_CLIP_DIM)),
                     T5EncoderModel(t5_config(len(tokenizers[2]), SD3_T5_DIM)))
         transformer = SD3Transformer2DModel(**sd3_transformer_config(args.patch_size))
+    if args.no_pooled:
+        disable_pooled_projection(transformer)
     teacher = load_teacher(args.teacher) if args.teacher else None
     if teacher is not None:
         from diffusers import DDIMScheduler
