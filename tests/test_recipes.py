@@ -264,6 +264,33 @@ def test_disabled_pooled_projection_leaves_the_prompt_to_joint_attention_only():
     assert all(not p.requires_grad and p.abs().max() == 0 for p in projection.parameters())
 
 
+def test_context_free_text_encoders_give_each_word_its_own_features():
+    """The token features the SD3 pipeline takes (CLIP penultimate state, T5 last state) of
+    "square" are the same after "purple" as after "red" with ``context_free``, not without;
+    the pooled CLIP output still reads the whole caption."""
+    from tiltgen.builtin.recipes.flow import text_encoders
+    from tiltgen.builtin.recipes.text import clip_tokenizer, t5_tokenizer
+
+    torch.manual_seed(0)
+    tokenizers = (clip_tokenizer(), clip_tokenizer(), t5_tokenizer())
+    captions = ["a purple square", "a red square"]
+    for context_free in (True, False):
+        clip, _, t5 = text_encoders(tokenizers, context_free)
+        ids = tokenizers[0](captions, padding="max_length", max_length=8, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = clip(ids, output_hidden_states=True)
+            t5_ids = tokenizers[2](captions, padding="max_length", max_length=8, return_tensors="pt").input_ids
+            t5_out = t5(t5_ids).last_hidden_state
+        square = int((ids[0] != ids[1]).nonzero()[0]) + 1  # the word after the colour
+        assert ids[0, square] == ids[1, square]
+        same_clip = torch.allclose(out.hidden_states[-2][0, square], out.hidden_states[-2][1, square])
+        t5_square = int((t5_ids[0] != t5_ids[1]).nonzero()[-1]) + 1
+        assert t5_ids[0, t5_square] == t5_ids[1, t5_square]
+        same_t5 = torch.allclose(t5_out[0, t5_square], t5_out[1, t5_square])
+        assert same_clip == context_free and same_t5 == context_free
+        assert not torch.allclose(out.text_embeds[0], out.text_embeds[1])
+
+
 def test_held_out_report_counts_the_shapes_drawn_for_each_pair():
     """Each image counts once, under the held-out pair its caption names; several shapes are
     joined and an empty reading is counted as ""."""
@@ -282,6 +309,39 @@ def test_held_out_report_counts_the_shapes_drawn_for_each_pair():
     assert set(drawn) == {f"{c} {s}" for s, c in HELD_OUT_PAIRS}
     assert drawn[f"{colour} {shape}"] == {"circle": 1, "circle+square": 1, "": 1}
     assert sum(sum(c.values()) for c in drawn.values()) == 3  # the two-shape caption names neither held-out pair
+
+
+def test_blanked_encoding_replaces_exactly_one_part_by_the_empty_captions():
+    """pooled / clip / t5: that part equals the empty caption's encoding, the rest the prompt's;
+    an unknown part and a pipeline without T5 are refused by name."""
+    from diffusers import DiffusionPipeline
+
+    from tiltgen.builtin import builtin_path
+    from tiltgen.builtin.recipes.heldout import blanked_encoding
+
+    pipe = DiffusionPipeline.from_pretrained(str(builtin_path("world-flow")))
+    prompts, length = ["a purple square", "a red circle on the left"], 24
+
+    def encode(captions):
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=torch.device("cpu"),
+                                                  do_classifier_free_guidance=False, max_sequence_length=length)
+        return embeds, pooled
+
+    (embeds, pooled), (empty, empty_pooled) = encode(prompts), encode([""] * 2)
+    clip = embeds.shape[1] - length
+    expected = {"pooled": (embeds, empty_pooled),
+                "clip": (torch.cat([empty[:, :clip], embeds[:, clip:]], 1), pooled),
+                "t5": (torch.cat([embeds[:, :clip], empty[:, clip:]], 1), pooled)}
+    for part, (want_embeds, want_pooled) in expected.items():
+        got = blanked_encoding(pipe, prompts, part, length)
+        torch.testing.assert_close(got["prompt_embeds"], want_embeds)
+        torch.testing.assert_close(got["pooled_prompt_embeds"], want_pooled)
+        assert not torch.equal(got["prompt_embeds"], embeds) or not torch.equal(got["pooled_prompt_embeds"], pooled)
+    with pytest.raises(TiltgenError, match="unknown text part 'vae'.*pooled, clip, t5"):
+        blanked_encoding(pipe, prompts, "vae", length)
+    sd = DiffusionPipeline.from_pretrained(str(builtin_path("world-diffusion")))
+    with pytest.raises(TiltgenError, match="SD3-like.*StableDiffusionPipeline"):
+        blanked_encoding(sd, prompts, "t5", length)
 
 
 def test_held_out_report_refuses_a_folder_that_is_not_a_generator(tmp_path, capsys):

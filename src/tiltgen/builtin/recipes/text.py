@@ -107,9 +107,11 @@ def clip_text_config(vocab_size: int, hidden: int, layers: int = 2, projection: 
                           projection_dim=projection or hidden, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
 
 
-def t5_config(vocab_size: int, d_model: int = 64):
+def t5_config(vocab_size: int, d_model: int = 64, layers: int = 1):
+    """A small T5 encoder; ``layers=0`` leaves the layer-normed token embeddings, each word's
+    vector independent of the others."""
     from transformers import T5Config
 
-    return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=1, num_heads=4,
+    return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=layers, num_heads=4,
                     relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
