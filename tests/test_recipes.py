@@ -291,6 +291,15 @@ def test_context_free_text_encoders_give_each_word_its_own_features():
         assert not torch.allclose(out.text_embeds[0], out.text_embeds[1])
 
 
+def test_context_free_text_with_an_initial_folder_is_refused(capsys):
+    """--init brings its own text encoders, so --context-free-text beside it would be ignored."""
+    from tiltgen.builtin.recipes.flow import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--vae", "v", "--out", "o", "--init", "f", "--context-free-text"])
+    assert exit_info.value.code == 2 and "--context-free-text" in capsys.readouterr().err
+
+
 def test_held_out_report_counts_the_shapes_drawn_for_each_pair():
     """Each image counts once, under the held-out pair its caption names; several shapes are
     joined and an empty reading is counted as ""."""

@@ -159,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="distil this world-diffusion folder (VP, v-prediction): the target is the velocity its "
                              "prediction implies at the same SNR, not the data's")
     args = parser.parse_args(argv)
+    if args.context_free_text and args.init:
+        parser.error("--context-free-text builds fresh text encoders, --init takes the folder's: give one of them")
     argv = list(sys.argv[1:] if argv is None else argv)
     work = setup(args)
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline

@@ -71,7 +71,7 @@ def blanked_encoding(pipe: Any, prompts: Sequence[str], part: str, t5_length: in
 
     with torch.no_grad():
         embeds, pooled = encode(prompts)
-        empty_embeds, empty_pooled = encode([""] * len(prompts))
+        empty_embeds, empty_pooled = (v.expand(len(prompts), *v.shape[1:]) for v in encode([""]))
     clip_tokens = embeds.shape[1] - t5_length  # the pipeline joins the CLIP tokens, then the T5 ones
     if part == "pooled":
         pooled = empty_pooled
