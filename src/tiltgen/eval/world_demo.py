@@ -51,7 +51,7 @@ GUIDANCE = {("diffusion", "learned"): "builtin:guidance-diffusion-proxy",
 PARTICLE_ROWS = {"twisted-binary": "twisted", "smc-binary": "plain"}
 DEFAULT_ROWS = ("diffusion:unguided", "diffusion:tweedie", "diffusion:learned", "diffusion:bestofn",
                 "onestep:unguided", "onestep:learned", "onestep:bestofn",
-                "flow:unguided", "flow:trainingfree", "flow:tweedie", "flow:bestofn")
+                "flow:unguided", "flow:trainingfree", "flow:trainingfree-bank", "flow:tweedie", "flow:bestofn")
 #: Seed offset between best-of-N candidates (candidate 0 is the unguided row's own sample).
 CANDIDATE_STRIDE = 1_000_003
 UNRELIABLE_SPREAD = 1.3
