@@ -202,10 +202,10 @@ def test_stages_split_over_processes_cover_every_stage_once(tmp_path, monkeypatc
     samples = [c for r in (0, 1) for c in calls[r] if c[0] == "sample"]
     assert len(samples) == len(set(samples))                       # nothing twice
     assert {c for c in calls[0] if c[0] == "sample"}.isdisjoint(c for c in calls[1] if c[0] == "sample")
-    # diffusion: unguided, tweedie, learned x 2 seeds; onestep: unguided, learned x 2; flow: 3;
+    # diffusion: unguided, tweedie, learned x 2 seeds; onestep: unguided, learned x 2; flow: 4;
     # best-of-2 on 3 models, SMC-2 on 2, twisted SMC-2 (without and with hand-off) on diffusion;
     # 4 fine-tuning rows x 2 seeds x 2 budgets
-    assert len(samples) == 4 + 3 + 3 + 3 + 2 + 2 + 16
+    assert len(samples) == 4 + 3 + 4 + 3 + 2 + 2 + 16
     assert {c[5] for c in samples if c[3] == "learned"} == {"guidance-diffusion-0", "guidance-diffusion-1",
                                                             "guidance-onestep-0", "guidance-onestep-1"}
     assert sorted(c[1] for r in (0, 1) for c in calls[r] if c[0] == "oracle") == ["diffusion", "flow", "onestep"]
@@ -216,7 +216,7 @@ def test_rows_filter_runs_only_the_named_rows_and_their_models_unguided_row():
     from tiltgen.eval.world_bench import finetune_plan, planned_models, row_names, sampling_plan
 
     full = BenchSettings()
-    assert len(sampling_plan(full)) == 8 + 3 * 2 + 2 * 2 + 2 * 2 and len(finetune_plan(full)) == 4
+    assert len(sampling_plan(full)) == 9 + 3 * 2 + 2 * 2 + 2 * 2 and len(finetune_plan(full)) == 4
     settings = BenchSettings(particles=(4, 8), rows=("diffusion:learned", "diffusion:twisted-smc",
                                                      "onestep:finetune-draft"))
     assert sampling_plan(settings) == [("diffusion", "unguided", 1), ("diffusion", "learned", 1),
@@ -230,7 +230,8 @@ def test_rows_filter_runs_only_the_named_rows_and_their_models_unguided_row():
 @pytest.mark.parametrize("kwargs, message", [({"rows": ("diffusion:learned", "flow:learned")}, "flow:learned"),
                                              ({"particles": (1, 4)}, "particle counts"),
                                              ({"particles": ()}, "particle counts"),
-                                             ({"seeds": 0}, "seeds")])
+                                             ({"seeds": 0}, "seeds"),
+                                             ({"bank": 1}, "sample bank")])
 def test_bad_bench_world_settings_are_refused_by_name(kwargs, message):
     from tiltgen.errors import TiltgenError
 
@@ -244,11 +245,44 @@ def test_bench_world_cli_flags_set_the_settings():
     from tiltgen.cli.main import _bench_world_overrides
     from tiltgen.errors import TiltgenError
 
-    args = argparse.Namespace(particles="4,8", rows="diffusion:learned, diffusion:bestofn", seeds=1)
+    args = argparse.Namespace(particles="4,8", rows="diffusion:learned, diffusion:bestofn", seeds=1, bank=16)
     assert _bench_world_overrides(args) == {"particles": (4, 8), "rows": ("diffusion:learned", "diffusion:bestofn"),
-                                            "seeds": 1}
-    assert _bench_world_overrides(argparse.Namespace(particles=None, rows=None, seeds=None)) == {}
+                                            "seeds": 1, "bank": 16}
+    none = dict(particles=None, rows=None, seeds=None, bank=None)
+    assert _bench_world_overrides(argparse.Namespace(**none)) == {}
     with pytest.raises(TiltgenError, match="--particles"):
-        _bench_world_overrides(argparse.Namespace(particles="4,x", rows=None, seeds=None))
+        _bench_world_overrides(argparse.Namespace(**{**none, "particles": "4,x"}))
     with pytest.raises(TiltgenError, match="--rows"):
-        _bench_world_overrides(argparse.Namespace(particles=None, rows=" , ", seeds=None))
+        _bench_world_overrides(argparse.Namespace(**{**none, "rows": " , "}))
+
+
+def test_setup_cost_charges_a_bank_row_its_banks_and_twisted_smc_its_network():
+    from tiltgen.eval.world_bench import setup_cost
+
+    bank_stage = {"bank": {"size": 32, "prompts": 4, "flops": 7_000, "wall_s": 2.5}}
+    assert setup_cost(bank_stage, "trainingfree-bank", None) == (7_000, 0, 2.5)
+    shipped = [{"data_flops": 10, "calibration_flops": 5, "train_flops": 3}]
+    assert setup_cost({}, "twisted-smc", shipped) == (15, 3, 0.0)
+    assert setup_cost({}, "trainingfree", shipped) == (0, 0, 0.0)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bank_row_draws_one_bank_per_prompt_and_records_its_cost(tmp_path):
+    """flow:trainingfree-bank on the built-in flow (2 images, a bank of 4): the stage records the
+    bank's FLOPs and wall as setup, apart from the per-image sampling FLOPs, and the bank changes
+    the images of plain training-free guidance."""
+    from tiltgen.eval.world_bench import MODELS, Judges, sampling_stage
+
+    settings = BenchSettings(prompts=("a red shape",), n=2, bank=4)
+    cache, judges = StageCache(tmp_path), Judges()
+    banked = sampling_stage(cache, judges, "flow", MODELS["flow"], "trainingfree-bank", settings)
+    plain = sampling_stage(cache, judges, "flow", MODELS["flow"], "trainingfree", settings)
+    assert banked["bank"]["size"] == 4 and banked["bank"]["prompts"] == 1
+    unguided = sampling_stage(cache, judges, "flow", MODELS["flow"], "unguided", settings)
+    assert banked["bank"]["flops"] >= 4 * unguided["sampling_flops_per_image"]  # 4 unguided images, their rewards
+    assert banked["bank"]["wall_s"] > 0 and "bank" not in plain
+    assert banked["prompts"][0]["proxy"] != plain["prompts"][0]["proxy"]
+    # another bank size is another stage
+    other = sampling_stage(cache, judges, "flow", MODELS["flow"], "trainingfree-bank",
+                           BenchSettings(prompts=("a red shape",), n=2, bank=2))
+    assert other["bank"]["size"] == 2

@@ -60,7 +60,7 @@ def _bench_analytic(args: argparse.Namespace) -> int:
 
 
 def _bench_world_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """BenchSettings fields set by --particles, --rows and --seeds."""
+    """BenchSettings fields set by --particles, --rows, --seeds and --bank."""
     out: dict[str, Any] = {}
     if args.particles is not None:
         try:
@@ -73,6 +73,8 @@ def _bench_world_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise TiltgenError("--rows is empty; give model:method rows, e.g. diffusion:twisted-smc")
     if args.seeds is not None:
         out["seeds"] = args.seeds
+    if args.bank is not None:
+        out["bank"] = args.bank
     return out
 
 
@@ -481,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seeds", type=int, default=None,
                        help="training seeds of the learned and fine-tuning rows (default 3; quick 1; seed 0 is the "
                             "shipped guidance network)")
+    world.add_argument("--bank", type=int, default=None,
+                       help="unguided images per prompt in the sample bank of flow:trainingfree-bank, counted as its "
+                            "data (default 32)")
     world.add_argument("--no-progress", action="store_true")
     world.set_defaults(func=_bench_world)
     sampling = benches.add_parser("sampling", help="throughput of tiltgen sample --prompts in 1 and N processes",

@@ -36,7 +36,7 @@ from .world_report import diversity
 STAGE_VERSION = 1
 #: sampling-time rows per model (best-of-N and SMC at each particle count are added)
 SAMPLING_ROWS = {"diffusion": ("unguided", "tweedie", "learned"), "onestep": ("unguided", "learned"),
-                 "flow": ("unguided", "trainingfree", "tweedie")}
+                 "flow": ("unguided", "trainingfree", "trainingfree-bank", "tweedie")}
 #: plug-in SMC at each particle count
 SMC_MODELS = ("diffusion", "flow")
 #: twisted SMC (the shipped learned network as twist and drift) at each particle count
@@ -67,12 +67,15 @@ class BenchSettings:
     images_for_total: int = 10_000                # sampling cost counted in a method's total
     bootstrap: int = 1000
     rows: tuple[str, ...] = ()                    # "model:method" rows to run (empty: every row)
+    bank: int = 32                                # unguided images per prompt in trainingfree-bank's bank
 
     def __post_init__(self) -> None:
         if not self.particles or min(self.particles) < 2:
             raise TiltgenError(f"particle counts must be >= 2 (best-of-N and SMC rows), got {self.particles}")
         if self.seeds < 1 or self.n < 1:
             raise TiltgenError(f"seeds and n must be >= 1, got seeds={self.seeds}, n={self.n}")
+        if self.bank < 2:
+            raise TiltgenError(f"a sample bank needs at least 2 images per prompt, got bank={self.bank}")
         known = row_names()
         unknown = [row for row in self.rows if row not in known]
         if unknown:
@@ -302,9 +305,11 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
 
     model = _load(model_path)
     guidance = guidance or GUIDANCE.get((name, "learned"))
+    banked = method == "trainingfree-bank"
     key = {"model": model.fingerprint(), "method": method, "particles": particles, "n": settings.n,
            "beta": settings.beta, "prompts": list(settings.prompts),
-           "guidance": _guidance_identity(guidance) if method in ("learned",) + TWISTED_METHODS else None}
+           "guidance": _guidance_identity(guidance) if method in ("learned",) + TWISTED_METHODS else None,
+           **({"bank": settings.bank} if banked else {})}
 
     def compute(_: Path) -> dict[str, Any]:
         steps = model.backend.default_steps
@@ -314,6 +319,10 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
             learned = method in ("learned",) + TWISTED_METHODS
             estimator, _beta = build_estimator(model, "learned" if learned else method, judges.proxy,
                                                None if learned else settings.beta, guidance=guidance)
+        bank_cost = None
+        if banked:  # each prompt's bank is its guidance's proxy prior
+            banks, bank_cost = _draw_banks(model, judges, settings, steps)
+            estimator, _ = build_estimator(model, "trainingfree", judges.proxy, settings.beta, bank=banks)
         counter = CountingModel(model)
         wrapped = counter if estimator is None else GuidedModel(counter, model.schedule, estimator)
 
@@ -351,9 +360,24 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
         return {"model": name, "path": model_path, "method": method, "particles": particles, "prompts": records,
                 "sampling_flops_per_image": flops, "sampling_wall_per_image": wall / (settings.n * len(settings.prompts)),
                 "scale": getattr(estimator, "scale", None), "peak_mem_bytes": peak,
-                **({"smc": smc_trace} if smc_trace else {})}
+                **({"smc": smc_trace} if smc_trace else {}), **({"bank": bank_cost} if bank_cost else {})}
 
     return cache.get("sample", key, compute)
+
+
+def _draw_banks(model: Any, judges: Judges, settings: BenchSettings, steps: int) -> tuple[Any, dict[str, Any]]:
+    """One sample bank of ``settings.bank`` unguided images per evaluation prompt (seeds apart
+    from the evaluation images'), scored by the proxy, and what drawing them cost: data that a
+    user pays once per prompt, not per guided image."""
+    from .estimators import build_banks
+
+    def draw() -> Any:
+        return build_banks(model, judges.proxy, [(p, None, 0) for p in settings.prompts], settings.bank,
+                           steps=steps, batch_size=max(settings.bank // 2, 8))
+
+    cost = measure(draw, device=model.backend.device)
+    return cost.value, {"size": settings.bank, "prompts": len(settings.prompts), "flops": int(cost.flops),
+                        "wall_s": cost.wall_s}
 
 
 def finetune_stage(cache: StageCache, method: str, name: str, seed: int, settings: BenchSettings,
@@ -545,6 +569,20 @@ def _compute(row_stage: dict[str, Any], data_flops: int = 0, train_flops: int = 
             "sampling_peak_mem_bytes": row_stage.get("peak_mem_bytes")}
 
 
+def setup_cost(stage: dict[str, Any], method: str, shipped_cost: Sequence[dict[str, Any]] | None
+               ) -> tuple[int, int, float]:
+    """(data FLOPs, training FLOPs, data wall) a sampling-time row pays before its first image:
+    a bank row its banks (one per evaluation prompt, drawn once), a twisted-SMC row its shipped
+    network's data, calibration and training (seed 0 of the learned row), the others nothing."""
+    if "bank" in stage:
+        return int(stage["bank"]["flops"]), 0, float(stage["bank"]["wall_s"])
+    if method in TWISTED_METHODS:
+        shipped = (shipped_cost or [{}])[0]
+        return (shipped.get("data_flops", 0) + shipped.get("calibration_flops", 0), shipped.get("train_flops", 0),
+                0.0)
+    return 0, 0, 0.0
+
+
 def run_bench(settings: BenchSettings, work: Path, progress: bool = True) -> dict[str, Any]:
     """Every stage (cached in ``work``), then the table rows and the headline figures."""
     start = time.perf_counter()
@@ -561,13 +599,9 @@ def run_bench(settings: BenchSettings, work: Path, progress: bool = True) -> dic
             rows.append(_learned_row(cache, judges, name, oracles[name], settings, guidance_cost, progress))
             continue
         stage = sampling_stage(cache, judges, name, MODELS[name], method, settings, particles=k)
-        data = train = 0
-        if method in TWISTED_METHODS:  # the shipped network's training (seed 0 of the learned row)
-            shipped = (guidance_cost.get(name) or [{}])[0]
-            data = shipped.get("data_flops", 0) + shipped.get("calibration_flops", 0)
-            train = shipped.get("train_flops", 0)
         row = {"model": name, "method": method if k == 1 else f"{method}-{k}", "family": "sampling",
-               **summarise([stage], oracles[name], settings), "compute": _compute(stage, data, train, settings=settings)}
+               **summarise([stage], oracles[name], settings),
+               "compute": _compute(stage, *setup_cost(stage, method, guidance_cost.get(name)), settings=settings)}
         if "smc" in stage:
             ess = torch.tensor([trace["ess"] for trace in stage["smc"]], dtype=torch.float64)
             row["smc_ess_min"] = float(ess.mean(0).min())
