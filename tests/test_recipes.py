@@ -373,3 +373,26 @@ def test_held_out_report_refuses_a_caption_outside_the_world_before_sampling(cap
 
     assert main([str(builtin_path("world-flow")), "--prompt", "a purple dragon"]) == 2
     assert "dragon" in capsys.readouterr().err
+
+
+def test_diffusion_context_free_text_encoder_gives_each_word_its_own_features(capsys):
+    """The SD pipeline reads the CLIP's last (layer-normed) state: without layers it is the same
+    for "square" after "purple" as after "red"; --init beside the option is refused."""
+    from transformers import CLIPTextModel
+
+    from tiltgen.builtin.recipes.diffusion import SD_TEXT_DIM, main
+    from tiltgen.builtin.recipes.text import clip_text_config, clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer()
+    ids = tokenizer(["a purple square", "a red square"], padding="max_length", max_length=8,
+                    return_tensors="pt").input_ids
+    square = int((ids[0] != ids[1]).nonzero()[0]) + 1
+    for layers in (0, 2):
+        with torch.no_grad():
+            hidden = CLIPTextModel(clip_text_config(len(tokenizer), SD_TEXT_DIM, layers=layers))(ids)[0]
+        assert torch.allclose(hidden[0, square], hidden[1, square]) == (layers == 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--vae", "v", "--out", "o", "--init", "f", "--context-free-text"])
+    assert exit_info.value.code == 2 and "--context-free-text" in capsys.readouterr().err
+

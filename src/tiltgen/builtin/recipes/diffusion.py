@@ -126,7 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="distil two trained world-diffusion folders into one: the v target is HIGH's prediction "
                              "at timesteps >= --switch and LOW's below (each with its own text encoder), not the data's")
     parser.add_argument("--switch", type=int, default=500, help="the timestep where --teachers hands over")
+    parser.add_argument("--context-free-text", action="store_true",
+                        help="a CLIP text encoder without layers: the pipeline's text features are each token's "
+                             "embedding plus its position embedding, layer-normed, so the UNet attends to each "
+                             "word's own features (as the flow recipe's option)")
     args = parser.parse_args(argv)
+    if args.context_free_text and args.init:
+        parser.error("--context-free-text builds a fresh text encoder, --init takes the folder's: give one of them")
     argv = list(sys.argv[1:] if argv is None else argv)
     work = setup(args)
     from diffusers import UNet2DConditionModel
@@ -141,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         text_encoder = CLIPTextModel.from_pretrained(str(init / "text_encoder"), torch_dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(str(init / "unet"), torch_dtype=torch.float32)
     else:
-        text_encoder = CLIPTextModel(clip_text_config(len(tokenizer), SD_TEXT_DIM))
+        text_encoder = CLIPTextModel(clip_text_config(len(tokenizer), SD_TEXT_DIM,
+                                                      layers=0 if args.context_free_text else 2))
         unet = UNet2DConditionModel(**sd_unet_config())
     scheduler = sd_scheduler()
     k_lo, k_hi = timestep_range(args.timesteps, scheduler.config.num_train_timesteps)
