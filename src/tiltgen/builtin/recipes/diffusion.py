@@ -22,6 +22,10 @@ target of a noised training latent is HIGH's prediction at timesteps >= K and LO
 instead of the data's v. A teacher's output is the conditional mean the data's v only samples, so
 the target has no irreducible noise; this merges a model that places shapes (unweighted) with one
 that draws them sharply (min-SNR) into a single standard UNet (docs/builtin-world.md).
+
+``--context-free-text`` builds a CLIP without layers, so the state the pipeline reads is each
+word's own layer-normed token and position embedding; measured, one unweighted run reached
+held-out shape 0.83 and position 1.00, about what the three-run merge gives (not shipped).
 """
 
 from __future__ import annotations
