@@ -26,12 +26,15 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pre")
     tiny.tiny_sd("ddim").save_pretrained(root / "sd")
     tiny.tiny_sd("ddim", seed=1).save_pretrained(root / "other")
-    argv = ["train-guidance", "--model", str(root / "sd"), "--reward", "brightness", "--beta", "0.5", "--cfg", "1",
+    assert main(train_argv(root / "sd", root / "g")) == 0
+    return root
+
+
+def train_argv(model, out, *extra):
+    return ["train-guidance", "--model", str(model), "--reward", "brightness", "--beta", "0.5", "--cfg", "1",
             "--height", "16", "--width", "16", "--data-steps", "2", "--steps", "3", "--batch-size", "8",
             "--n-data", "2", "--pool-size", "16", "--eta", "0", "--no-progress", "--prompt", "a cat",
-            "--prompt", "a dog", "--out", str(root / "g")]
-    assert main(argv) == 0
-    return root
+            "--prompt", "a dog", "--out", str(out), *extra]
 
 
 def latent_model(path):
@@ -94,3 +97,36 @@ def test_another_base_model_is_refused_unless_forced(trained, tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "refused")]) == 2
     assert "pass force=True (--force-guidance)" in capsys.readouterr().err
     assert main(argv + ["--out", str(tmp_path / "forced"), "--force-guidance"]) == 0
+
+
+def test_token_pooling_averages_the_prompt_tokens_only(trained):
+    model = latent_model(trained / "sd")
+    hidden = model.condition(["a cat"], 1).embeds["encoder_hidden_states"][0]  # [L, E]
+    n = len(model.pipe.tokenizer("a cat").input_ids)  # with the begin and end tokens
+    assert 1 < n < hidden.shape[0]
+    tokens = model.prompt_embedding(["a cat", "a dog"], pooling="tokens")
+    padded = model.prompt_embedding(["a cat", "a dog"])
+    assert torch.allclose(tokens[0], hidden[:n].mean(0), atol=1e-6)
+    assert torch.allclose(padded[0], hidden.mean(0), atol=1e-6)
+    assert not torch.allclose(tokens, padded)
+    with pytest.raises(TiltgenError, match="prompt pooling 'last'.*padded, tokens"):
+        model.prompt_embedding(["a cat"], pooling="last")
+
+
+def test_a_network_keeps_the_prompt_pooling_it_was_trained_with(trained, tmp_path):
+    assert main(train_argv(trained / "sd", tmp_path / "g", "--prompt-pooling", "tokens")) == 0
+    record = json.loads((tmp_path / "g" / "guidance.json").read_text())
+    assert record["train"]["prompt_pooling"] == "tokens"
+    # the default is not written, so earlier networks' records (and cache keys) are unchanged
+    assert "prompt_pooling" not in json.loads((trained / "g" / "guidance.json").read_text())["train"]
+    model = latent_model(trained / "sd")
+    tokens, padded = from_pretrained(tmp_path / "g", model), from_pretrained(trained / "g", model)
+    assert torch.equal(tokens.cond_encoder(["a cat"]), model.prompt_embedding(["a cat"], pooling="tokens"))
+    assert torch.equal(padded.cond_encoder(["a cat"]), model.prompt_embedding(["a cat"]))
+
+
+def test_prompt_pooling_is_refused_for_an_analytic_case(tmp_path, capsys):
+    argv = ["train-guidance", "--case", "ring2d-linear-b2", "--family", "vp", "--steps", "2", "--n-data", "8",
+            "--prompt-pooling", "tokens", "--out", str(tmp_path / "g"), "--no-progress"]
+    assert main(argv) == 2
+    assert "--prompt-pooling" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def _write_record(path: Path, record: dict) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from ..builtin import resolve_weights
     from ..core.reward import reward_name
-    from ..tilt.learned import CalibrationConfig, calibrate_scale, check_base_model, load_guidance
+    from ..tilt.learned import CalibrationConfig, calibrate_scale, check_base_model, load_guidance, prompt_encoder
 
     config = CalibrationConfig(n=args.n, max_conditions=args.max_prompts, scales=_scales(args.scales), seed=args.seed)
     folder = resolve_weights(args.guidance, "guidance")
@@ -86,8 +86,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if record.get("reward") is not None and reward_name(reward) != record["reward"]:
         raise TiltgenError(f"the guidance network in {folder} was trained for the reward {record['reward']!r}, "
                            f"not {reward_name(reward)!r}")
-    conditional = int(record.get("net", {}).get("cond_dim", 0) or 0) > 0
-    guidance = load_guidance(folder, cond_encoder=model.prompt_embedding if conditional else None, scale=1.0)
+    guidance = load_guidance(folder, cond_encoder=prompt_encoder(model, record), scale=1.0)
     train = record.get("train", {})
     state = folder / ".calibration-state.json"
     result = calibrate_scale(model, model.schedule, reward, guidance, beta=float(record["beta"]), conditions=prompts,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -155,7 +156,8 @@ def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: 
                        times=times, spacing=spacing, sampler=sampler, data_steps=data_steps or args.data_steps or 100,
                        trajectory=args.trajectory or args.noise_tilt, noise_tilt=args.noise_tilt,
                        data_dtype=data_dtype, checkpoint_every=args.checkpoint_every,
-                       fresh_noise=args.fresh_noise, val_fraction=args.val_fraction, seed=args.seed)
+                       fresh_noise=args.fresh_noise, val_fraction=args.val_fraction, seed=args.seed,
+                       prompt_pooling=getattr(args, "prompt_pooling", "padded"))
 
 
 def _train_guidance(args: argparse.Namespace) -> int:
@@ -164,6 +166,8 @@ def _train_guidance(args: argparse.Namespace) -> int:
 
     if (args.case is None) == (args.model is None):
         raise TiltgenError("give exactly one of --case (analytic benchmark) or --model (diffusers pipeline)")
+    if args.case is not None and args.prompt_pooling != "padded":
+        raise TiltgenError("--prompt-pooling chooses how a pipeline's prompts are embedded: it needs --model, not --case")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise TiltgenError(f"output path {out} exists and is not a directory")
@@ -263,7 +267,8 @@ def _text_to_image_training(args: argparse.Namespace) -> tuple:
 
         net = default_net(model.latent_shape, int(model.prompt_embedding(prompts[0]).shape[-1]), coords=True)
     config = _train_config(args, args.beta, "uniform", sampler, times, "float32", net, data_steps=steps)
-    extra = {"shape": model.latent_shape, "conditions": prompts, "cond_encoder": model.prompt_embedding}
+    encoder = functools.partial(model.prompt_embedding, pooling=args.prompt_pooling)
+    extra = {"shape": model.latent_shape, "conditions": prompts, "cond_encoder": encoder}
     return model, model.schedule, model.latent_reward(reward), config, extra
 
 
@@ -399,6 +404,10 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--data-steps", type=int, default=None,
                        help="sampler steps for the data (default: 100 with --case, the model's own with --model)")
     train.add_argument("--trajectory", action="store_true", help="train on the sampler's own states")
+    train.add_argument("--prompt-pooling", choices=("padded", "tokens"), default="padded",
+                       help="with --model, SD 1.x/2.x: embed a prompt for the network as the mean of the text "
+                            "encoder's last state over every padded position (default) or over the prompt's own "
+                            "tokens (better where padding positions do not see the words); recorded with the network")
     train.add_argument("--coords", action="store_true",
                        help="with --model: give the conv guidance network x/y coordinate channels (for rewards "
                             "that depend on where things are, e.g. centring)")

@@ -471,7 +471,7 @@ def guidance_training_flops(name: str, folder: str, judges: Judges) -> dict[str,
     forward and backward step at its batch size). Networks trained since FLOPs are recorded
     carry both per-unit figures; for older ones (the shipped networks) they are measured here."""
     from ..builtin import resolve_weights
-    from ..tilt.learned.train import load_guidance
+    from ..tilt.learned import load_guidance, prompt_encoder
 
     folder = resolve_weights(folder, "guidance network")
     record = json.loads((folder / "guidance.json").read_text())
@@ -490,7 +490,8 @@ def guidance_training_flops(name: str, folder: str, judges: Judges) -> dict[str,
     batch = int(record["train"]["batch_size"])
     x = torch.randn(batch, *record["shape"])
     t = torch.rand(batch, dtype=torch.float64).clamp(0.01, 1.0)
-    emb = model.prompt_embedding(["a red shape"] * batch) if record["net"].get("cond_dim") else None
+    encoder = prompt_encoder(model, record)
+    emb = encoder(["a red shape"] * batch) if encoder is not None else None
 
     def one_step() -> None:
         potential.net.zero_grad()

@@ -37,12 +37,15 @@ from ...core.model import Model
 from ...core.noise import SeededNoise, seeds_for
 from ...core.samplers import sample as core_sample
 from ...core.schedules import DiscreteVP, RectifiedFlow, Schedule
-from ...errors import TiltgenError
+from ...errors import TiltgenError, check_choice
 from ..prompts import prompt_condition
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 _UNET_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+
+
+PROMPT_POOLINGS = ("padded", "tokens")  # how an SD 1.x/2.x prompt becomes one guidance-network input
 
 
 def pack_latents(x: Tensor) -> Tensor:
@@ -404,18 +407,34 @@ class LatentModel:
         return prompt_condition(cond, n, encode=self.encode, cache=self._cache, kind=PromptCondition,
                                 what="a diffusers model", unit="latents")
 
-    def prompt_embedding(self, cond: Any) -> Tensor:
+    def prompt_embedding(self, cond: Any, pooling: str = "padded") -> Tensor:
         """A fixed-size text embedding per sample [N, E] (float32) for prompt-conditional guidance
-        networks: the pooled text embedding (SDXL, SD3, FLUX) or the token mean (SD 1.x/2.x)."""
+        networks: the pooled text embedding (SDXL, SD3, FLUX) or, for SD 1.x/2.x, the mean of the
+        text encoder's last hidden state over every padded position (``pooling="padded"``) or over
+        the prompt's own tokens only (``"tokens"``). With a text encoder whose padding positions do
+        not attend to the words, the padded mean dilutes the prompt; ``pooling`` is ignored where
+        the pipeline already gives a pooled embedding."""
+        check_choice("prompt pooling", pooling, PROMPT_POOLINGS)
         cond = self.condition(cond, len(cond) if isinstance(cond, PromptCondition) else
                               (1 if isinstance(cond, str) else len(cond)))
         if "text_embeds" in cond.embeds:
             emb = cond.embeds["text_embeds"]
         elif "pooled_projections" in cond.embeds:
             emb = cond.embeds["pooled_projections"]
+        elif pooling == "tokens":
+            emb = self._token_mean(cond)
         else:
             emb = cond.embeds["encoder_hidden_states"].mean(1)
         return emb.detach().float()
+
+    def _token_mean(self, cond: PromptCondition) -> Tensor:
+        """Mean of the last hidden state [N, L, E] over each prompt's tokens (the tokenizer's
+        attention mask at the pipeline's padded length L) -> [N, E]."""
+        hidden = cond.embeds["encoder_hidden_states"]
+        mask = self.pipe.tokenizer(list(cond.prompts), padding="max_length", max_length=hidden.shape[1],
+                                   truncation=True, return_tensors="pt").attention_mask
+        mask = mask.to(device=hidden.device, dtype=hidden.dtype)[..., None]
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     # ---- time conversion ------------------------------------------------------------------------
     def _scheduler(self) -> Any:

@@ -7,11 +7,12 @@ from .losses import LOSSES, consistency_loss, tilt_loss
 from .networks import ConvConfig, MLPConfig, PotentialConvNet, PotentialMLP, build_network
 from .potential import GuidancePotential, LearnedGuidance
 from .train import TrainConfig, TrainResult, load_guidance, plot_losses, train_guidance
-from .pretrained import check_base_model, from_pretrained, model_card, resolve_guidance_path, save_pretrained
+from .pretrained import (check_base_model, from_pretrained, model_card, prompt_encoder, resolve_guidance_path,
+                         save_pretrained)
 from .anneal import next_lambda, train_annealed
 
 __all__ = ["CalibrationConfig", "calibrate_scale", "choose_scale", "tilted_means", "GuidanceData", "Pool", "build_pool", "generate_data", "LOSSES", "consistency_loss", "tilt_loss",
            "ConvConfig", "MLPConfig", "PotentialConvNet", "PotentialMLP", "build_network", "GuidancePotential",
            "LearnedGuidance", "TrainConfig", "TrainResult", "load_guidance", "plot_losses", "train_guidance",
            "next_lambda", "train_annealed",
-           "check_base_model", "from_pretrained", "model_card", "resolve_guidance_path", "save_pretrained"]
+           "check_base_model", "prompt_encoder", "from_pretrained", "model_card", "resolve_guidance_path", "save_pretrained"]

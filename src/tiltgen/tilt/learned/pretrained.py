@@ -10,6 +10,7 @@ model, naming both fingerprints, unless ``force=True``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -83,6 +84,18 @@ def check_base_model(record: dict, model: Any, path: Any, force: bool = False) -
                                  "(--force-guidance) to use it anyway")
 
 
+def prompt_encoder(model: Any, record: dict) -> CondEncoder | None:
+    """How ``model`` embeds prompts for the network of ``record``: its ``prompt_embedding`` with
+    the pooling the network was trained with; None for a network without a condition input."""
+    if not int(record.get("net", {}).get("cond_dim", 0) or 0):
+        return None
+    embed = getattr(model, "prompt_embedding", None)
+    pooling = (record.get("train") or {}).get("prompt_pooling", "padded")
+    if embed is None or pooling == "padded":
+        return embed
+    return functools.partial(embed, pooling=pooling)
+
+
 def from_pretrained(name_or_path: str | os.PathLike, model: Any = None, *, force: bool = False,
                     scale: float | None = None, cond_encoder: CondEncoder | None = None,
                     cache_dir: str | os.PathLike | None = None, revision: str | None = None) -> LearnedGuidance:
@@ -96,9 +109,8 @@ def from_pretrained(name_or_path: str | os.PathLike, model: Any = None, *, force
     record = read_guidance_record(folder)
     if model is not None:
         check_base_model(record, model, folder, force)
-        conditional = int(record.get("net", {}).get("cond_dim", 0) or 0) > 0
-        if conditional and cond_encoder is None:
-            cond_encoder = getattr(model, "prompt_embedding", None)
+        if cond_encoder is None:
+            cond_encoder = prompt_encoder(model, record)
     return load_guidance(folder, cond_encoder=cond_encoder, scale=scale, record=record)
 
 

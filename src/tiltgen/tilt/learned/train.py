@@ -76,6 +76,7 @@ class TrainConfig:
     fresh_noise: bool = False             # new noise and time for every minibatch instead of a fixed pool
     val_fraction: float = 0.0             # conditions held out; the weights kept are the best on them
     seed: int = 0
+    prompt_pooling: str = "padded"        # how the model embeds a prompt for the network (its prompt_embedding)
 
     def __post_init__(self) -> None:
         check_beta(self.beta)
@@ -101,6 +102,8 @@ class TrainConfig:
     def to_json(self) -> dict:
         out = asdict(self)
         out["times"] = list(self.times) if self.times is not None else None
+        if out["prompt_pooling"] == "padded":
+            del out["prompt_pooling"]  # the default is left out, so records and cache keys of earlier runs still match
         return out
 
     @classmethod
