@@ -157,7 +157,7 @@ def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: 
                        trajectory=args.trajectory or args.noise_tilt, noise_tilt=args.noise_tilt,
                        data_dtype=data_dtype, checkpoint_every=args.checkpoint_every,
                        fresh_noise=args.fresh_noise, val_fraction=args.val_fraction, seed=args.seed,
-                       prompt_pooling=getattr(args, "prompt_pooling", "padded"))
+                       prompt_pooling=args.prompt_pooling)
 
 
 def _train_guidance(args: argparse.Namespace) -> int:
