@@ -78,10 +78,12 @@ def test_noise_tilt_is_the_same_for_every_prediction_kind(prediction):
     torch.testing.assert_close(tilted, reference)
 
 
-def test_learned_noise_tilt_from_reward_values_only():
+@pytest.mark.parametrize("loss", ["logistic", "log-mse"])
+def test_learned_noise_tilt_from_reward_values_only(loss):
     reward = QuadraticReward.linear(W)
-    config = TrainConfig(beta=BETA, noise_tilt=True, trajectory=True, eta=0.0, sampler="ddim", data_steps=1,
-                         steps=300, batch_size=512, n_data=4000, pool_size=4000, data_dtype="float64", seed=1)
+    config = TrainConfig(beta=BETA, loss=loss, noise_tilt=True, trajectory=True, eta=0.0, sampler="ddim",
+                         data_steps=1, steps=300, batch_size=512, n_data=4000, pool_size=4000,
+                         data_dtype="float64", seed=1)
     guidance = train_guidance(generator, SCHEDULE, reward, config, shape=(2,), progress=False).guidance
     assert guidance.tilts_input
     tilted = one_step(GuidedModel(generator, SCHEDULE, guidance), n=8000, seed=5)
@@ -95,3 +97,6 @@ def test_noise_tilt_config_is_checked():
         TrainConfig(beta=1.0, noise_tilt=True)
     with pytest.raises(TiltgenError, match="eta=0"):
         TrainConfig(beta=1.0, noise_tilt=True, trajectory=True, eta=1.0)
+    # log-mse fits E[log w | x_t]: log h only when the reward is fixed by the state
+    with pytest.raises(TiltgenError, match="log-mse loss .* noise_tilt"):
+        TrainConfig(beta=1.0, loss="log-mse", trajectory=True)

@@ -8,6 +8,13 @@ Each has the pointwise minimiser q = E[w | x_t, c] = h_t(x_t, c) / Z_hat(c)
 * ``poisson``   exp(l) - w l                          Bregman (Poisson) regression in log space
 * ``logistic``  w softplus(-l) + softplus(l)          density ratio: positives weighted w,
                                                       negatives unweighted, same states
+
+except ``log-mse``, (l - log w)^2, whose minimiser is E[log w | x_t], not log E[w | x_t]. The two
+agree only where the reward is a function of the state, as for a deterministic one-step
+generator's input noise (the noise tilt), where log h(x_T) = r(G(x_T))/beta exactly: there every
+sample carries its whole log-weight into the fit, where the other losses hear mostly from the
+few samples that dominate exp(r/beta) at small beta. ``TrainConfig`` allows it only with
+``noise_tilt``.
 """
 
 from __future__ import annotations
@@ -18,13 +25,18 @@ from torch.nn.functional import softplus
 
 from ...errors import check_choice
 
-LOSSES = ("logistic", "poisson", "mse")
+LOSSES = ("logistic", "poisson", "mse", "log-mse")
+EXACT_STATE_LOSSES = ("log-mse",)  # need a reward that is a function of the state (noise tilt)
 _MAX_LOGIT = 30.0  # exp() guard for the regression losses; far beyond any sane log h_t - log Z
 
 
 def tilt_loss(kind: str, logit: Tensor, w: Tensor) -> Tensor:
-    """Mean loss of one batch (scalar)."""
+    """Mean loss of one batch (scalar). ``w`` may be float64: ``log-mse`` takes its log before casting,
+    so weights far below float32's range keep their log-weight."""
     check_choice("guidance loss", kind, LOSSES)
+    if kind == "log-mse":
+        return ((logit - torch.log(w).to(logit.dtype)) ** 2).mean()
+    w = w.to(logit.dtype)
     if kind == "logistic":
         return (w * softplus(-logit) + softplus(logit)).mean()
     q = torch.exp(logit.clamp(max=_MAX_LOGIT))

@@ -38,7 +38,7 @@ from ...core.schedules import Schedule, schedule_from_config
 from ...errors import TiltgenError, check_beta, check_choice
 from .data import (GuidanceData, Pool, build_pool, check_data_size, data_units, generate_data, generate_unit,
                    join_units, noised_states, split_rows, training_times)
-from .losses import LOSSES, consistency_loss, tilt_loss
+from .losses import EXACT_STATE_LOSSES, LOSSES, consistency_loss, tilt_loss
 from .networks import build_network
 from .potential import CondEncoder, GuidancePotential, LearnedGuidance
 from .pretrained import read_guidance_record, tiltgen_version, write_model_card
@@ -98,6 +98,10 @@ class TrainConfig:
         if self.noise_tilt and not (self.trajectory and self.eta == 0):
             raise TiltgenError("noise_tilt learns h of a generator's own input states: it needs trajectory=True "
                                "and eta=0 (the consistency regulariser is defined for x0 shifts)")
+        if self.loss in EXACT_STATE_LOSSES and not self.noise_tilt:
+            raise TiltgenError(f"the {self.loss} loss fits E[log w | x_t], which is log h_t only where the reward is "
+                               "a function of the state: use it with noise_tilt (a one-step generator's input), "
+                               "or pick logistic, poisson or mse")
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -245,7 +249,7 @@ class _Run:
             r = rows[part]
             emb = self.embeddings[self.data.prompt[r]] if self.embeddings is not None else None
             logit = self._logit(x_t[part].to(self.potential.dtype), t[part], emb)
-            total += float(tilt_loss(self.config.loss, logit, self.weights[r].to(logit.dtype))) * r.numel()
+            total += float(tilt_loss(self.config.loss, logit, self.weights[r])) * r.numel()
         return total / rows.numel()
 
     def validate(self) -> None:
@@ -288,15 +292,15 @@ class _Run:
         if cfg.fresh_noise:  # an endless pool: each step noises training samples afresh
             rows = self.train_rows[torch.randint(0, self.train_rows.numel(), (self.local_batch,), generator=self.rng)]
             x, t = noised_states(self.data.x0[rows], self.schedule, self.times, self.rng)
-            x, w, prompt = x.to(dtype), self.weights[rows].to(dtype), self.data.prompt[rows]
+            x, w, prompt = x.to(dtype), self.weights[rows], self.data.prompt[rows]
         else:
             idx = torch.randint(0, len(pool), (self.local_batch,), generator=self.rng)
-            x, t, w, prompt = pool.x_t[idx].to(dtype), pool.t[idx], pool.w[idx].to(dtype), pool.prompt[idx]
+            x, t, w, prompt = pool.x_t[idx].to(dtype), pool.t[idx], pool.w[idx], pool.prompt[idx]
         emb = self.embeddings[prompt] if self.embeddings is not None else None
         if cfg.eta > 0:
             logit, shift = self._logit_and_shift(x, t, emb)
             loss = tilt_loss(cfg.loss, logit, w) + cfg.eta * consistency_loss(
-                pool.x0_hat[idx].to(dtype), shift, pool.x0[idx].to(dtype), w, self.potential.s_data)
+                pool.x0_hat[idx].to(dtype), shift, pool.x0[idx].to(dtype), w.to(dtype), self.potential.s_data)
         else:
             loss = tilt_loss(cfg.loss, self._logit(x, t, emb), w)
         if not torch.isfinite(loss):
