@@ -130,3 +130,10 @@ def test_prompt_pooling_is_refused_for_an_analytic_case(tmp_path, capsys):
             "--prompt-pooling", "tokens", "--out", str(tmp_path / "g"), "--no-progress"]
     assert main(argv) == 2
     assert "--prompt-pooling" in capsys.readouterr().err
+
+
+def test_an_unknown_prompt_pooling_is_refused_by_the_training_config():
+    from tiltgen.tilt.learned import TrainConfig
+
+    with pytest.raises(TiltgenError, match="prompt pooling 'last'.*padded, tokens"):
+        TrainConfig(beta=1.0, prompt_pooling="last")

@@ -38,6 +38,7 @@ from ...core.noise import SeededNoise, seeds_for
 from ...core.samplers import sample as core_sample
 from ...core.schedules import DiscreteVP, RectifiedFlow, Schedule
 from ...errors import TiltgenError, check_choice
+from ...tilt.learned.pretrained import PROMPT_POOLINGS
 from ..prompts import prompt_condition
 
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
@@ -45,7 +46,6 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"
 _UNET_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 
 
-PROMPT_POOLINGS = ("padded", "tokens")  # how an SD 1.x/2.x prompt becomes one guidance-network input
 
 
 def pack_latents(x: Tensor) -> Tensor:

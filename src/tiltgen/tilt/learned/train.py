@@ -41,7 +41,7 @@ from .data import (GuidanceData, Pool, build_pool, check_data_size, data_units, 
 from .losses import EXACT_STATE_LOSSES, LOSSES, consistency_loss, tilt_loss
 from .networks import build_network
 from .potential import CondEncoder, GuidancePotential, LearnedGuidance
-from .pretrained import read_guidance_record, tiltgen_version, write_model_card
+from .pretrained import PROMPT_POOLINGS, read_guidance_record, tiltgen_version, write_model_card
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SHARDS = "data-shards"  # finished batches of data generation, kept until data.safetensors is written
@@ -82,6 +82,7 @@ class TrainConfig:
         check_beta(self.beta)
         check_choice("guidance loss", self.loss, LOSSES)
         check_choice("data dtype", self.data_dtype, _DTYPES)
+        check_choice("prompt pooling", self.prompt_pooling, PROMPT_POOLINGS)
         if self.eta < 0:
             raise TiltgenError(f"eta (the consistency weight) must be >= 0, got {self.eta}")
         for name in ("steps", "batch_size", "n_data", "pool_size", "time_levels", "data_steps", "checkpoint_every"):
