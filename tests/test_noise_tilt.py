@@ -97,6 +97,12 @@ def test_noise_tilt_config_is_checked():
         TrainConfig(beta=1.0, noise_tilt=True)
     with pytest.raises(TiltgenError, match="eta=0"):
         TrainConfig(beta=1.0, noise_tilt=True, trajectory=True, eta=1.0)
-    # log-mse fits E[log w | x_t]: log h only when the reward is fixed by the state
+    # log-mse fits E[log w | x_t]: log h only when the reward is fixed by the state, and is the
+    # noise tilt's default loss; an explicit choice is kept
+    assert TrainConfig(beta=1.0, noise_tilt=True, trajectory=True, eta=0.0).loss == "log-mse"
+    assert TrainConfig(beta=1.0, loss="logistic", noise_tilt=True, trajectory=True, eta=0.0).loss == "logistic"
+    assert TrainConfig(beta=1.0).loss == "logistic"
+    assert TrainConfig.from_json(TrainConfig(beta=1.0, noise_tilt=True, trajectory=True, eta=0.0).to_json()).loss \
+        == "log-mse"
     with pytest.raises(TiltgenError, match="log-mse loss .* noise_tilt"):
         TrainConfig(beta=1.0, loss="log-mse", trajectory=True)

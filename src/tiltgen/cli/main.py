@@ -392,8 +392,9 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="output directory (checkpoints, guidance.json, loss.png)")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     train.add_argument("--beta", type=float, help="tilt temperature (default with --case: the case's)")
-    train.add_argument("--loss", default="logistic", help="logistic (default), poisson, mse, or log-mse (with "
-                       "--noise-tilt only: regression on r/beta, exact for a one-step generator's input)")
+    train.add_argument("--loss", default=None, help="logistic (the default), poisson, mse, or log-mse (with "
+                       "--noise-tilt only, and its default there: regression on r/beta, exact for a one-step "
+                       "generator's input)")
     train.add_argument("--eta", type=float, default=1.0, help="consistency weight (0 = off)")
     train.add_argument("--steps", type=int, default=1500)
     train.add_argument("--batch-size", type=int, default=1024)

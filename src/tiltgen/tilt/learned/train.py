@@ -56,7 +56,7 @@ class TrainConfig:
     """One training run. ``n_data`` samples per condition; ``steps`` optimiser steps."""
 
     beta: float
-    loss: str = "logistic"
+    loss: str | None = None               # None: log-mse with noise_tilt (exact there), logistic otherwise
     eta: float = 1.0                      # consistency weight (0 = off)
     steps: int = 1000
     batch_size: int = 1024
@@ -79,6 +79,8 @@ class TrainConfig:
     prompt_pooling: str = "padded"        # how the model embeds a prompt for the network (its prompt_embedding)
 
     def __post_init__(self) -> None:
+        if self.loss is None:  # frozen: the resolved default is stored, so records and resumes name it
+            object.__setattr__(self, "loss", "log-mse" if self.noise_tilt else "logistic")
         check_beta(self.beta)
         check_choice("guidance loss", self.loss, LOSSES)
         check_choice("data dtype", self.data_dtype, _DTYPES)
