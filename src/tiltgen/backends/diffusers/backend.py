@@ -46,8 +46,6 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"
 _UNET_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 
 
-
-
 def pack_latents(x: Tensor) -> Tensor:
     """FLUX's tokens: latents [N, C, h, w] -> 2x2 patches [N, (h/2)(w/2), 4C]."""
     n, c, h, w = x.shape

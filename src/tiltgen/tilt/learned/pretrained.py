@@ -26,9 +26,8 @@ CONFIG = "guidance.json"
 WEIGHTS = "guidance.safetensors"
 CARD = "README.md"
 EXAMPLE_PROMPTS = 12  # training prompts quoted in the card (all are in guidance.json)
-
-
 PROMPT_POOLINGS = ("padded", "tokens")  # how a backend embeds a prompt for the network (its prompt_embedding)
+
 
 def tiltgen_version() -> str:
     from ... import __version__
