@@ -102,9 +102,10 @@ class TrainConfig:
             raise TiltgenError("noise_tilt learns h of a generator's own input states: it needs trajectory=True "
                                "and eta=0 (the consistency regulariser is defined for x0 shifts)")
         if self.loss in EXACT_STATE_LOSSES and not self.noise_tilt:
+            others = ", ".join(kind for kind in LOSSES if kind not in EXACT_STATE_LOSSES)
             raise TiltgenError(f"the {self.loss} loss fits E[log w | x_t], which is log h_t only where the reward is "
                                "a function of the state: use it with noise_tilt (a one-step generator's input), "
-                               "or pick logistic, poisson or mse")
+                               f"or pick one of {others}")
 
     def to_json(self) -> dict:
         out = asdict(self)
