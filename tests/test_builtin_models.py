@@ -88,6 +88,33 @@ def test_guidance_for_another_base_model_is_refused(backends):
     assert estimator.tilts_input and beta > 0
 
 
+def test_one_step_sampling_decides_how_a_plug_in_tilts(backends):
+    """Sampled in one step, a generator is a deterministic map of its noise: Tweedie tilts the noise
+    through it, training-free (an x0 shift that would edit the output) is refused, and a noise-tilt
+    network is refused for a sampler with more steps."""
+    from tiltgen.eval.estimators import build_estimator
+    from tiltgen.rewards import reward_from_spec
+
+    reward = reward_from_spec("world-proxy")
+    model = backends["world-onestep"].at()  # its folder's default: 1 step
+    assert build_estimator(model, "tweedie", reward, 0.05)[0].tilts_input
+    assert not build_estimator(model, "tweedie", reward, 0.05, steps=4)[0].tilts_input
+    with pytest.raises(TiltgenError, match="trainingfree .* single step"):
+        build_estimator(model, "trainingfree", reward, 0.05)
+    assert build_estimator(model, "trainingfree", reward, 0.05, steps=4)[0] is not None
+    with pytest.raises(TiltgenError, match="guidance-onestep-proxy .* single-step sampler only, not 4 steps"):
+        build_estimator(model, "learned", None, None, guidance="builtin:guidance-onestep-proxy", steps=4)
+    prompts = ["a red shape", "two shapes"]
+    estimator, _ = build_estimator(model, "tweedie", reward, 0.05)
+    cond = model.encode(prompts)
+    guided = model.sample(cond, seeds=[0, 1], steps=1, guidance=estimator, decode=False).latents
+    plain = model.sample(cond, seeds=[0, 1], steps=1, decode=False).latents
+    assert torch.isfinite(guided).all() and float((guided - plain).abs().max()) > 1e-3
+    # the same estimator in a two-step sampler: refused at its second model call, naming the time
+    with pytest.raises(TiltgenError, match="also calls the model at t = 0.5"):
+        model.sample(cond, seeds=[0, 1], steps=2, guidance=estimator, decode=False)
+
+
 def test_model_folder_recommends_its_training_free_variant(backends):
     from tiltgen.eval.estimators import build_estimator
     from tiltgen.rewards import reward_from_spec

@@ -66,15 +66,24 @@ def test_sample_errors_are_clean(tmp_path, sd_dir, capsys):
 
 def test_train_guidance_then_sample_learned(tmp_path, capsys):
     """The SDXL-Turbo recipe on a tiny pipeline, all from the CLI: train a prompt-conditional
-    net on the one-step sampler's own states, then sample 1 step with it."""
+    noise-tilt net on the one-step sampler's own (noise, reward) pairs, then sample 1 step with it.
+    A network of x_t states (no --noise-tilt) is refused for one step: its x0 shift would edit the output."""
     tiny.tiny_sdxl().save_pretrained(tmp_path / "sdxlt")
     train = ["train-guidance", "--model", str(tmp_path / "sdxlt"), "--reward", "brightness", "--beta", "0.05",
              "--prompt", "a cat", "--prompt", "a dog", "--cfg", "0", "--height", "16", "--width", "16",
-             "--data-steps", "1", "--trajectory", "--steps", "3", "--batch-size", "8", "--n-data", "2",
+             "--data-steps", "1", "--noise-tilt", "--steps", "3", "--batch-size", "8", "--n-data", "2",
              "--pool-size", "8", "--eta", "0", "--no-progress", "--out", str(tmp_path / "g")]
     assert main(train) == 0
     record = json.loads((tmp_path / "g" / "guidance.json").read_text())
     assert record["steps"] == 3 and record["train_reward_evals"] == 4  # 2 prompts x 2 samples
+    assert record["train"]["noise_tilt"]
+    states = [a if a != "--noise-tilt" else "--trajectory" for a in train[:-1]] + [str(tmp_path / "g-states")]
+    assert main(states) == 0
+    refused = ["sample", "--model", str(tmp_path / "sdxlt"), "--prompt", "a cat", "--method", "learned",
+               "--guidance", str(tmp_path / "g-states"), "--steps", "1", "--cfg", "0", "--height", "16",
+               "--width", "16", "--reward", "brightness", "--out", str(tmp_path / "refused")]
+    assert main(refused) == 2
+    assert "shifts x0 (it was trained without noise_tilt)" in capsys.readouterr().err
     argv = ["sample", "--model", str(tmp_path / "sdxlt"), "--prompt", "a cat", "--method", "learned", "--guidance",
             str(tmp_path / "g"), "--steps", "1", "--cfg", "0", "--height", "16", "--width", "16",
             "--reward", "brightness", "--out", str(tmp_path / "out")]

@@ -84,7 +84,9 @@ def test_guided_pipeline_equals_tiltgen_sampling_and_leaves_the_pipeline_as_it_w
 
     model = DiffusersBackend(loaded(build, **kwargs)).at(SIZE, SIZE, guidance_scale=scale)
     cond = model.encode(PROMPTS, **extra(pipe))
-    estimator, _ = build_estimator(model, "tweedie", get_reward("brightness"), 0.1)
+    # one step: both tilt the input noise through the generator (the plug-in's noise tilt)
+    estimator, _ = build_estimator(model, "tweedie", get_reward("brightness"), 0.1, steps=steps)
+    assert getattr(estimator, "tilts_input", False) == (steps == 1)
     ref = model.sample(cond, seeds=SEEDS, steps=steps, guidance=estimator, decode=False).latents
     assert close(ours, ref), f"{case}: max |diff| {float((ours - ref).abs().max())}"
     assert float((ours - plain).abs().max()) > 100 * (1e-5 * float(ref.abs().max()) + 1e-5)  # it did guide

@@ -9,7 +9,7 @@ from tiltgen.core.samplers import sample
 from tiltgen.core.schedules import VPCosine
 from tiltgen.errors import TiltgenError
 from tiltgen.rewards import QuadraticReward
-from tiltgen.tilt import GuidedModel
+from tiltgen.tilt import GuidedModel, TweedieGuidance
 from tiltgen.tilt.learned import TrainConfig, train_guidance
 
 SCHEDULE = VPCosine()
@@ -61,6 +61,27 @@ def test_closed_form_noise_tilt_gives_the_exact_tilted_mean_and_covariance():
     torch.testing.assert_close(tilted.mean(0), exact_tilted_mean(), atol=0.03, rtol=0)
     # a shift of the Gaussian input keeps the covariance s^2 A A^T of the exact tilted law
     torch.testing.assert_close(torch.cov(tilted.T), sigma_max() ** 2 * A @ A.T, atol=0.05, rtol=0)
+
+
+def test_tweedie_noise_tilt_is_the_exact_input_shift_for_a_linear_generator():
+    """For x0 = A x_T + b and r = w.x0 the plug-in's noise tilt, s^2 grad r(G(x_T)) / beta by
+    back-propagation through the generator, is the exact shift s^2 A^T w / beta."""
+    tweedie = TweedieGuidance(QuadraticReward.linear(W), BETA, schedule=SCHEDULE, noise_tilt=True)
+    assert tweedie.tilts_input
+    ours = one_step(GuidedModel(generator, SCHEDULE, tweedie), n=200)
+    exact = one_step(GuidedModel(generator, SCHEDULE, ExactNoiseTilt()), n=200)
+    torch.testing.assert_close(ours, exact)
+
+
+def test_a_noise_tilt_refuses_a_sampler_with_more_than_one_step():
+    with pytest.raises(TiltgenError, match="one-step generator's input noise .* also calls the model at t = "):
+        sample(GuidedModel(generator, SCHEDULE, ExactNoiseTilt()), SCHEDULE, shape=(2,), n=4, steps=2,
+               sampler="ddim", progress=False, dtype=torch.float64)
+    with pytest.raises(TiltgenError, match="one or the other"):
+        TweedieGuidance(QuadraticReward.linear(W), BETA, schedule=SCHEDULE, noise_tilt=True, damping=True)
+    with pytest.raises(TiltgenError, match="shifts the model input"):
+        TweedieGuidance(QuadraticReward.linear(W), BETA, schedule=SCHEDULE, noise_tilt=True)(
+            torch.zeros(1, 2), torch.ones(1), None, torch.zeros(1, 2, requires_grad=True))
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

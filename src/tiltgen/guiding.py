@@ -87,7 +87,7 @@ class GuidedPipeline:
         self.family = self.backend.family
         self._signature = inspect.signature(type(pipe).__call__)
         self._models: dict[tuple[int, int], Any] = {}
-        self._estimators: dict[tuple[int, int], Any] = {}
+        self._estimators: dict[tuple[int, int, bool], Any] = {}
 
     @property
     def __signature__(self) -> inspect.Signature:  # help() and IDEs show the pipeline's own arguments
@@ -128,13 +128,15 @@ class GuidedPipeline:
             self._models[key] = self.backend.at(height, width)
         return self._models[key]
 
-    def _estimator(self, model: Any) -> Any:
-        key = (model.height, model.width)
+    def _estimator(self, model: Any, steps: int | None) -> Any:
+        # one step or several decides how a plug-in tilts a generator (eval/estimators.py)
+        key = (model.height, model.width, steps == 1)
         if key not in self._estimators:
             from .eval.estimators import build_estimator
 
             estimator, beta = build_estimator(model, self.method, self.reward, self.beta, guidance=self.guidance,
-                                              force_guidance=self.force, cache_dir=self.cache_dir, **self.options)
+                                              force_guidance=self.force, cache_dir=self.cache_dir, steps=steps,
+                                              **self.options)
             self._estimators[key] = estimator
             self.beta = beta
         return self._estimators[key]
@@ -173,7 +175,7 @@ class GuidedPipeline:
             latents = self._unpack(x_in, call) if family == "flux" else x_in
             model = self._model(latents.shape[-2] * self.backend.vae_scale_factor,
                                 latents.shape[-1] * self.backend.vae_scale_factor)
-            estimator = self._estimator(model)
+            estimator = self._estimator(model, self._steps(call))
             t = model.t_of_timestep(timestep, x_in.shape[0])[:n]
             cond = self._cond(rows, n)
             out_dtype = x_in.dtype
@@ -214,6 +216,18 @@ class GuidedPipeline:
             return (pack_latents(raw) if family == "flux" else raw,)
 
         return hook
+
+    def _steps(self, call: dict[str, Any]) -> int | None:
+        """The number of denoising steps this pipeline call runs: its timesteps or sigmas, else
+        num_inference_steps, else the pipeline's default for it (None if it has none)."""
+        for name in ("timesteps", "sigmas"):
+            if call.get(name) is not None:
+                return len(call[name])
+        if call.get("num_inference_steps") is not None:
+            return int(call["num_inference_steps"])
+        parameter = self._signature.parameters.get("num_inference_steps")
+        default = None if parameter is None else parameter.default
+        return default if isinstance(default, int) else None
 
     @staticmethod
     def _cond(rows: list[str] | None, n: int) -> list[str] | None:

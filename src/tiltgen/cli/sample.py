@@ -164,7 +164,8 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any, bank: Any = No
     estimator, args.beta = build_estimator(model, args.method, reward, args.beta, guidance=args.guidance,
                                            scale=args.scale, t_window=tuple(args.t_window) if args.t_window else None,
                                            data_var=args.data_var, variant=args.variant, seed=args.seed,
-                                           force_guidance=args.force_guidance, cache_dir=args.cache_dir, bank=bank)
+                                           force_guidance=args.force_guidance, cache_dir=args.cache_dir, bank=bank,
+                                           steps=args.steps)
     if args.method != "unguided":
         args.scale = float(getattr(estimator, "scale", 1.0 if args.scale is None else args.scale))
     if args.method == "trainingfree" and args.data_var is None:  # the model folder's, else 1

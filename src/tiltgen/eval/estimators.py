@@ -20,7 +20,8 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
                     scale: float | None = None, t_window: tuple[float, float] | None = None,
                     data_var: float | Sequence[float] | None = None,
                     variant: str | None = None, seed: int = 0, force_guidance: bool = False,
-                    cache_dir: str | None = None, bank: Any = None) -> tuple[Any, float | None]:
+                    cache_dir: str | None = None, bank: Any = None, steps: int | None = None
+                    ) -> tuple[Any, float | None]:
     """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a diffusers
     LatentModel). ``learned`` loads ``guidance`` (a folder or ``builtin:<name>``), refuses a
     network trained for another base model and tilts at the network's own beta: a different
@@ -32,13 +33,31 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     ``learned`` the network's calibrated scale when it has one (``tiltgen calibrate-guidance``).
     ``guidance`` may also be a hub id in the local cache (``cache_dir``); ``force_guidance`` loads a
     network trained for another base model with a warning instead of refusing it. ``bank``
-    (``trainingfree`` only): per-prompt sample banks from :func:`build_banks`."""
+    (``trainingfree`` only): per-prompt sample banks from :func:`build_banks`. ``steps``: the
+    sampler's number of steps (default: the model's own). Sampled in a single step, a generator is a
+    deterministic map of its input noise: ``tweedie`` then tilts that noise (the noise tilt,
+    tilt/tweedie.py), ``trainingfree`` and a network trained without noise_tilt are refused (their
+    x0 shift would edit the output, not tilt the generator), and so is a noise-tilt network sampled
+    in more than one step."""
+    steps = steps if steps is not None else _default_steps(model)
+    single_step = steps == 1
     if bank is not None and method != "trainingfree":
         raise TiltgenError(f"a sample bank is a prior of training-free guidance; --method {method} does not use one")
     if method == "unguided":
         return None, beta
     if method == "learned":
-        return _learned(model, guidance, beta, scale, t_window, force_guidance, cache_dir)
+        estimator, beta = _learned(model, guidance, beta, scale, t_window, force_guidance, cache_dir)
+        tilts_input = bool(getattr(estimator, "tilts_input", False))
+        if tilts_input and steps is not None and not single_step:
+            raise TiltgenError(f"the guidance network {guidance} tilts a one-step generator's input noise (it was "
+                               f"trained with noise_tilt), which applies to a single-step sampler only, not {steps} "
+                               f"steps: use --steps 1")
+        if single_step and not tilts_input:
+            raise TiltgenError(f"the guidance network {guidance} shifts x0 (it was trained without noise_tilt); "
+                               f"sampled in a single step, that shift would land on the output image as an edit, "
+                               f"not as a tilt of the generator. For a one-step generator train it with --noise-tilt "
+                               f"(docs/learned-guidance.md, 'One-step generators'), or sample with more steps")
+        return estimator, beta
     if method not in METHODS:
         raise TiltgenError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     if reward is None:
@@ -51,7 +70,13 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
         if variant not in (None, "plain", "damped"):
             raise TiltgenError(f"--method tweedie takes --variant plain or damped, not {variant!r}")
         return TweedieGuidance(latent_reward, beta, scale=1.0 if scale is None else scale, t_window=t_window,
-                               damping=variant == "damped", schedule=model.schedule), beta
+                               damping=variant == "damped", schedule=model.schedule, noise_tilt=single_step), beta
+    if single_step:
+        raise TiltgenError("--method trainingfree shifts x0_hat along the reward gradient without differentiating "
+                           "the model; sampled in a single step, that shift would land on the output image as an "
+                           "edit, not as a tilt of the generator. For a one-step generator use --method tweedie "
+                           "(it tilts the input noise through the generator), a noise-tilt guidance network "
+                           "(--method learned), or best-of-N; or sample with more steps")
     from ..tilt.training_free import TrainingFreeGuidance
 
     if data_var is None:
@@ -61,6 +86,11 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
                                 variant=variant,
                                 scale=1.0 if scale is None else scale,
                                 t_window=t_window, seed=seed, bank=bank), beta
+
+
+def _default_steps(model: Any) -> int | None:
+    """The model's own number of sampler steps (a diffusers LatentModel's backend records it), or None."""
+    return getattr(getattr(model, "backend", None), "default_steps", None)
 
 
 def build_banks(model: Any, reward: Any, prompts: Sequence[tuple[Any, str | None, int]], size: int, *,

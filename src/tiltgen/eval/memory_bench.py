@@ -47,8 +47,8 @@ def measure_one(model: str, option: str, *, batch: int, steps: int | None, metho
     latent = backend.at()
     cond = latent.encode(["a red shape"] * batch)
     reward = reward_from_spec("world-proxy")
-    estimator, _ = build_estimator(latent, method, reward, 0.1)
     steps = steps or backend.default_steps
+    estimator, _ = build_estimator(latent, method, reward, 0.1, steps=steps)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()

@@ -39,7 +39,7 @@ MODELS = {"diffusion": "builtin:world-diffusion", "onestep": "builtin:world-ones
 #: Every row the demo can run, per model.
 METHODS: dict[str, tuple[str, ...]] = {
     "diffusion": ("unguided", "tweedie", "learned", "learned-binary", "twisted-binary", "smc-binary", "bestofn"),
-    "onestep": ("unguided", "learned", "bestofn"),
+    "onestep": ("unguided", "tweedie", "learned", "bestofn"),
     "flow": ("unguided", "trainingfree", "trainingfree-bank", "tweedie", "bestofn"),
 }
 GUIDANCE = {("diffusion", "learned"): "builtin:guidance-diffusion-proxy",

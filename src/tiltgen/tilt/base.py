@@ -76,7 +76,28 @@ class GuidedModel:
 
     def _input_tilted(self, x_t: Tensor, t: Tensor, cond: Any, c: Any) -> Tensor:
         """Evaluate the model at the shifted input x_t + estimator.input_shift (a deterministic
-        generator's tilted noise), and return its x0 as a prediction at the unshifted x_t."""
-        x_in = x_t + self.estimator.input_shift(x_t, t, cond)
+        generator's tilted noise), and return its x0 as a prediction at the unshifted x_t.
+        An estimator with ``needs_model_grad`` gets the model's x0 at x_t with its graph to x_t
+        (``input_shift(x_t, t, cond, x0_hat)``): the generator is differentiated, then called again."""
+        self._check_input_time(t)
+        if self.estimator.needs_model_grad:
+            with torch.enable_grad():
+                x = x_t.detach().requires_grad_(True)
+                x0, _ = to_x0_eps(self.prediction, self.model(x, t, cond), x, c)
+                shift = self.estimator.input_shift(x, t, cond, x0).detach()
+        else:
+            shift = self.estimator.input_shift(x_t, t, cond)
+        x_in = x_t + shift
         x0, _ = to_x0_eps(self.prediction, self.model(x_in, t, cond), x_in, c)
         return from_x0_eps(self.prediction, x0, (x_t - c.alpha * x0) / c.sigma, c)
+
+    def _check_input_time(self, t: Tensor) -> None:
+        """A noise tilt shifts a one-step generator's Gaussian input, at the sampler's start time only:
+        a model call at any later time means a sampler with more than one step, where it is wrong."""
+        start = float(getattr(self.schedule, "t_max", 1.0))
+        later = torch.as_tensor(t, dtype=torch.float64) < start - 1e-6
+        if bool(later.any()):
+            first = float(torch.as_tensor(t, dtype=torch.float64).reshape(-1)[later.reshape(-1)][0])
+            raise TiltgenError(f"this guidance tilts a one-step generator's input noise (the model call at t = "
+                               f"{start:g}), but the sampler also calls the model at t = {first:.4g}: sample with "
+                               f"a single step (--steps 1, num_inference_steps=1)")

@@ -23,6 +23,14 @@ read along the reward gradient u = grad r / |grad r| at no extra network evaluat
 backward pass the plug-in already makes, u.J^T u = (alpha / sigma^2) u.Cov[x0 | x_t] u
 (Tweedie's second-order identity), and a = -u.H_r u from one more reward gradient, a secant
 over the posterior spread sqrt(v). a is clamped at 0, so convex directions are not amplified.
+
+``noise_tilt=True`` is the plug-in for a deterministic one-step generator x0 = G(x_T), sampled in a
+single step. There the x0 shift above would land on the output with the factor sigma^2 / alpha of
+the start time (about 1 / alpha_T, hundreds), an edit of the image along the reward gradient rather
+than a tilt of the generator's law. G's input is tilted instead, as for noise-tilt networks
+(docs/learned-guidance.md, "One-step generators"): h(x_T) = exp(r(G(x_T)) / beta) holds exactly,
+so the first-order tilt of N(0, sigma_T^2 I) is x_T + sigma_T^2 grad r(G(x_T)) / beta, by back-
+propagation through G and the reward, then one more call of G at the shifted input.
 """
 
 from __future__ import annotations
@@ -48,10 +56,14 @@ class TweedieGuidance:
 
     def __init__(self, reward: Reward, beta: float, scale: float = 1.0,
                  t_window: tuple[float, float] | None = None, damping: bool = False,
-                 schedule: Schedule | None = None):
-        if damping and schedule is None:
-            raise TiltgenError("damped Tweedie guidance needs the model's schedule (alpha, sigma of t)")
+                 schedule: Schedule | None = None, noise_tilt: bool = False):
+        if (damping or noise_tilt) and schedule is None:
+            raise TiltgenError("damped or noise-tilt Tweedie guidance needs the model's schedule (alpha, sigma of t)")
+        if damping and noise_tilt:
+            raise TiltgenError("the damped plug-in corrects the x0 shift of a multi-step sampler; a one-step "
+                               "generator's noise tilt has no posterior to damp: use one or the other")
         self.damping = bool(damping)
+        self.noise_tilt = bool(noise_tilt)
         self.schedule = schedule
         self.reward = as_reward(reward)
         if not self.reward.differentiable:
@@ -60,7 +72,28 @@ class TweedieGuidance:
         self.scale = float(scale)
         self.t_window = check_window(t_window)
 
+    @property
+    def tilts_input(self) -> bool:
+        """True with ``noise_tilt``: GuidedModel then shifts the model's input by :meth:`input_shift`."""
+        return self.noise_tilt
+
+    def input_shift(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tensor:
+        """Noise tilt: scale * sigma^2 * grad_x r(x0_hat(x_t)) / beta, shaped like x_t (``x0_hat`` with
+        its graph to ``x_t``: the generator's output, differentiated through)."""
+        if not self.noise_tilt:
+            raise TiltgenError("this Tweedie guidance shifts x0 (it was built without noise_tilt)")
+        if not x0_hat.requires_grad:
+            raise TiltgenError("Tweedie guidance needs x0_hat with a graph to x_t (use it through GuidedModel)")
+        r = evaluate_reward(self.reward, x0_hat, cond)
+        (grad,) = torch.autograd.grad(r.sum(), x_t)
+        sigma = coefficients(self.schedule, t, x_t).sigma  # type: ignore[arg-type]
+        shift = grad.detach() * (self.scale / self.beta) * sigma.to(grad.dtype) ** 2
+        keep = in_window(t, self.t_window)
+        return shift if keep is None else shift * keep.reshape((-1,) + (1,) * (shift.ndim - 1)).to(shift.dtype)
+
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tilt:
+        if self.noise_tilt:
+            raise TiltgenError("a noise-tilt Tweedie guidance shifts the model input; wrap the model in GuidedModel")
         if not x0_hat.requires_grad:
             raise TiltgenError("Tweedie guidance needs x0_hat with a graph to x_t (use it through GuidedModel)")
         r = evaluate_reward(self.reward, x0_hat, cond)
