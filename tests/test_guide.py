@@ -128,6 +128,21 @@ def test_learned_noise_tilt_on_the_builtin_one_step_model_equals_tiltgen_samplin
     assert close(ours, ref) and float((ref - plain).abs().max()) > 1e-2
 
 
+def test_one_step_calls_refuse_x0_shift_guidance_and_leave_the_pipeline_as_it_was():
+    """One step: training-free guidance would only edit the output (refused, naming the reason);
+    the same guided callable still runs with more steps."""
+    build, kwargs, _, scale = CASES["sdxl-turbo-1step"]
+    pipe = loaded(build, **kwargs)
+    plain = pipeline_latents(pipe, pipe, 1, scale)
+    before = state_of(pipe)
+    guided = tiltgen.guide(pipe, reward="brightness", method="trainingfree", beta=0.1)
+    with pytest.raises(TiltgenError, match="trainingfree .* single step"):
+        pipeline_latents(pipe, guided, 1, scale)
+    assert state_of(pipe) == before
+    assert torch.equal(pipeline_latents(pipe, pipe, 1, scale), plain)
+    assert torch.isfinite(pipeline_latents(pipe, guided, 2, scale)).all()
+
+
 def test_the_pipelines_own_options_keep_working():
     """Negative prompts (against tiltgen's own negative prompts), callback_on_step_end, image
     output, num_images_per_prompt and a scheduler swapped in by the user."""
