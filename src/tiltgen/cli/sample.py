@@ -49,7 +49,10 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--reward", help="reward spec, e.g. 'pickscore:1.0,aesthetic(head=/w/head.pth):0.5'")
     p.add_argument("--eval-reward", help="held-out rewards, only evaluated and reported (same spec syntax)")
-    p.add_argument("--method", default="unguided", choices=METHODS)
+    p.add_argument("--method", default="unguided", choices=METHODS,
+                   help="sampled in one step (--steps 1, a one-step model's default), tweedie tilts the input noise "
+                        "through the generator; trainingfree and networks trained without --noise-tilt are refused "
+                        "there (their x0 shift would only edit the output)")
     p.add_argument("--beta", type=float, default=None,
                    help="tilt temperature (smaller = stronger; default 0.1; --method learned: the network's own)")
     p.add_argument("--scale", type=float, default=None,
