@@ -95,9 +95,10 @@ class GuidedModel:
         """A noise tilt shifts a one-step generator's Gaussian input, at the sampler's start time only:
         a model call at any later time means a sampler with more than one step, where it is wrong."""
         start = float(getattr(self.schedule, "t_max", 1.0))
-        later = torch.as_tensor(t, dtype=torch.float64) < start - 1e-6
-        if bool(later.any()):
-            first = float(torch.as_tensor(t, dtype=torch.float64).reshape(-1)[later.reshape(-1)][0])
+        times = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        later = times[times < start - 1e-6]
+        if later.numel():
+            first = float(later[0])
             raise TiltgenError(f"this guidance tilts a one-step generator's input noise (the model call at t = "
                                f"{start:g}), but the sampler also calls the model at t = {first:.4g}: sample with "
                                f"a single step (--steps 1, num_inference_steps=1)")

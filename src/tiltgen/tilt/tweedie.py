@@ -82,27 +82,31 @@ class TweedieGuidance:
         its graph to ``x_t``: the generator's output, differentiated through)."""
         if not self.noise_tilt:
             raise TiltgenError("this Tweedie guidance shifts x0 (it was built without noise_tilt)")
-        if not x0_hat.requires_grad:
-            raise TiltgenError("Tweedie guidance needs x0_hat with a graph to x_t (use it through GuidedModel)")
-        r = evaluate_reward(self.reward, x0_hat, cond)
-        (grad,) = torch.autograd.grad(r.sum(), x_t)
         sigma = coefficients(self.schedule, t, x_t).sigma  # type: ignore[arg-type]
-        shift = grad.detach() * (self.scale / self.beta) * sigma.to(grad.dtype) ** 2
-        keep = in_window(t, self.t_window)
-        return shift if keep is None else shift * keep.reshape((-1,) + (1,) * (shift.ndim - 1)).to(shift.dtype)
+        g = self._tilt(self._reward_grad(x_t, x0_hat, cond), t).value
+        return g * sigma.to(g.dtype) ** 2
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any, x0_hat: Tensor) -> Tilt:
         if self.noise_tilt:
             raise TiltgenError("a noise-tilt Tweedie guidance shifts the model input; wrap the model in GuidedModel")
-        if not x0_hat.requires_grad:
-            raise TiltgenError("Tweedie guidance needs x0_hat with a graph to x_t (use it through GuidedModel)")
+        if not self.damping:
+            return self._tilt(self._reward_grad(x_t, x0_hat, cond), t)
+        _check_graph(x0_hat)
         r = evaluate_reward(self.reward, x0_hat, cond)
-        if self.damping:
-            (grad_x0,) = torch.autograd.grad(r.sum(), x0_hat, retain_graph=True)
-            (grad,) = torch.autograd.grad(x0_hat, x_t, grad_outputs=grad_x0)
-            grad = grad * self.damping_factor(x_t, t, cond, x0_hat.detach(), grad_x0.detach(), grad.detach())
-        else:
-            (grad,) = torch.autograd.grad(r.sum(), x_t)
+        (grad_x0,) = torch.autograd.grad(r.sum(), x0_hat, retain_graph=True)
+        (grad,) = torch.autograd.grad(x0_hat, x_t, grad_outputs=grad_x0)
+        grad = grad * self.damping_factor(x_t, t, cond, x0_hat.detach(), grad_x0.detach(), grad.detach())
+        return self._tilt(grad, t)
+
+    def _reward_grad(self, x_t: Tensor, x0_hat: Tensor, cond: Any) -> Tensor:
+        """grad_x r(x0_hat(x_t)), back-propagated through the model and the reward (shaped like x_t)."""
+        _check_graph(x0_hat)
+        r = evaluate_reward(self.reward, x0_hat, cond)
+        (grad,) = torch.autograd.grad(r.sum(), x_t)
+        return grad
+
+    def _tilt(self, grad: Tensor, t: Tensor) -> Tilt:
+        """g = scale * grad / beta, zero outside ``t_window``."""
         tilt = Tilt(g=grad.detach() * (self.scale / self.beta))
         keep = in_window(t, self.t_window)
         return tilt if keep is None else tilt.masked(keep)
@@ -125,3 +129,8 @@ class TweedieGuidance:
         curvature = -per_sample_dot(nearby - grad_x0, step) / per_sample_dot(step, step).clamp_min(tiny)
         curvature = torch.where(v > 0, curvature.clamp_min(0.0), torch.zeros_like(curvature))
         return (1.0 / (1.0 + curvature * v / self.beta)).to(grad_xt.dtype)
+
+
+def _check_graph(x0_hat: Tensor) -> None:
+    if not x0_hat.requires_grad:
+        raise TiltgenError("Tweedie guidance needs x0_hat with a graph to x_t (use it through GuidedModel)")
