@@ -43,6 +43,15 @@ def test_discrete_vp_matches_diffusers_alphas_cumprod():
     torch.testing.assert_close(ddpm_betas("linear", 1000, 1e-4, 0.02)[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
 
 
+def test_cosine_beta_table_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    for kind in ("squaredcos_cap_v2", "scaled_linear", "linear"):
+        scheduler = diffusers.DDPMScheduler(beta_schedule=kind, beta_start=0.00085, beta_end=0.012)
+        torch.testing.assert_close(ddpm_betas(kind), scheduler.betas.to(torch.float64), rtol=1e-6, atol=1e-9)
+    last = DiscreteVP.from_diffusers("squaredcos_cap_v2").alpha(torch.tensor(1.0, dtype=torch.float64))
+    assert 0 < float(last) < 1e-4  # the betas' cap leaves alpha_T just above 0
+
+
 def test_flow_shift_matches_sd3_formula_and_inverts():
     shift = 3.0
     sched = RectifiedFlow(shift=shift)

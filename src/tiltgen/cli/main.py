@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import sys
 import time
 import warnings
@@ -542,9 +543,26 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"tiltgen: warning: {message}", file=sys.stderr)
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """Drops transformers' notice that its image processors fall back to PIL without torchvision.
+    tiltgen is installed without torchvision on purpose (on CPU-only machines the only builds pip
+    finds are CUDA ones, which break transformers' imports); the fallback works, and the notice's
+    advice to install torchvision would break it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def _quiet_known_notices() -> None:
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoTorchvisionNotice) for f in logger.filters):
+        logger.addFilter(_NoTorchvisionNotice())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_known_notices()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

@@ -359,7 +359,9 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
                      "terms": {k: row[k] for k in term_names}} for row in job.rows]}
     write_json(out / "sample.json", record)
     finish_output(out)
-    summary = "" if record["mean_reward"] is None else f"; mean reward {record['mean_reward']:.4f}"
+    means = ([f"mean reward {record['mean_reward']:.4f}"] if record["mean_reward"] is not None else []) + \
+        [f"{name.removeprefix('eval:')} {value:.4f}" for name, value in record["mean_terms"].items()]
+    summary = "".join(f"; {part}" for part in means)
     resumed = f"; {job.resumed_images} kept from the interrupted run" if job.resumed_images else ""
     stale = f"; {removed} stale images of a replaced run removed" if removed else ""
     print(f"{len(job.rows)} images in {out / 'images'} ({wall:.1f} s{summary}{resumed}{stale}); "

@@ -120,13 +120,18 @@ class VPCosine(Schedule):
 
 def ddpm_betas(kind: str, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                beta_end: float = 0.012) -> Tensor:
-    """The discrete beta tables diffusers calls ``linear`` and ``scaled_linear`` (float64)."""
+    """The discrete beta tables diffusers calls ``linear``, ``scaled_linear`` and ``squaredcos_cap_v2``
+    (the cosine schedule, betas capped at 0.999; beta_start and beta_end unused), float64."""
     n = num_train_timesteps
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
     if kind == "scaled_linear":
         return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
-    raise TiltgenError(f"unknown beta schedule {kind!r}; choose 'linear' or 'scaled_linear'")
+    if kind == "squaredcos_cap_v2":
+        grid = torch.arange(n + 1, dtype=torch.float64) / n
+        abar = torch.cos((grid + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
+    raise TiltgenError(f"unknown beta schedule {kind!r}; choose 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
 
 
 class DiscreteVP(Schedule):

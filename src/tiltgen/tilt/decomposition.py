@@ -8,9 +8,14 @@ With h_t(x) = E[exp(r(x0)/beta) | x_t = x] and g = grad_x log h_t:
 
 The x0 form, ``x0_shift = (sigma^2/alpha) g = E_{p*}[x0 | x_t] - E_p[x0 | x_t]``, stays
 finite at pure noise (alpha -> 0) where g -> 0 and sigma^2/alpha -> inf; estimators that
-can compute it directly (exact, training-free) return it instead of g. Given only g at
-alpha = 0 exactly, the correction is taken as its limit through g: zero, because h_1 is
-constant.
+can compute it directly (exact, training-free, learned) return it instead of g. Given only g at
+alpha = 0, the correction is taken as its limit through g: zero, because h_1 is constant.
+The same holds below ``ALPHA_MIN``: there the exact g is O(alpha), but a g estimated through an
+imperfect network (the plug-in's back-propagation through the denoiser) carries errors that do
+not shrink with alpha, and sigma^2/alpha would multiply them by more than 1/ALPHA_MIN. Cosine
+schedules start there (diffusers' ``squaredcos_cap_v2``: alpha = 4.9e-5 at the last timestep;
+zero-SNR tables clamped to 2^-24: alpha = 2.4e-4); a shift taken at face value wrecks the first
+step.
 """
 
 from __future__ import annotations
@@ -50,10 +55,16 @@ class Tilt:
         return Tilt(g=self.g * scale) if self.g is not None else Tilt(x0_shift=self.x0_shift * scale)
 
 
+#: Below this alpha (signal-to-noise ratio 1e-6) a tilt given as g is taken at its alpha = 0 limit.
+ALPHA_MIN = 1e-3
+
+
 def x0_shift_from_g(g: Tensor, c: Coefficients) -> Tensor:
-    """(sigma^2 / alpha) g, with the alpha = 0 limit taken as 0 (h_1 is constant)."""
-    alpha_safe = torch.where(c.alpha > 0, c.alpha, torch.ones_like(c.alpha))
-    return torch.where(c.alpha > 0, c.sigma**2 / alpha_safe, torch.zeros_like(c.alpha)) * g
+    """(sigma^2 / alpha) g, taken as 0 where alpha < ALPHA_MIN (the alpha = 0 limit: h_1 is
+    constant; module docstring)."""
+    signal = c.alpha >= ALPHA_MIN
+    alpha_safe = torch.where(signal, c.alpha, torch.ones_like(c.alpha))
+    return torch.where(signal, c.sigma**2 / alpha_safe, torch.zeros_like(c.alpha)) * g
 
 
 def g_from_x0_shift(x0_shift: Tensor, c: Coefficients) -> Tensor:
