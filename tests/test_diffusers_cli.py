@@ -92,6 +92,34 @@ def test_train_guidance_then_sample_learned(tmp_path, capsys):
     assert record["method"] == "learned" and record["steps"] == 1 and record["cfg"] == 0.0
 
 
+def test_train_guidance_with_the_default_consistency_weight(tmp_path, sd_dir):
+    """The default eta = 1 back-propagates through the network's input gradient. Counting the FLOPs
+    of that step once crashed inside torch (its module tracker's hooks and autograd.grad on a leaf),
+    so `tiltgen train-guidance --model ...` failed unless given --eta 0."""
+    argv = ["train-guidance", "--model", str(sd_dir), "--reward", "brightness", "--beta", "0.5", "--cfg", "1",
+            "--height", "16", "--width", "16", "--data-steps", "2", "--steps", "2", "--batch-size", "8",
+            "--n-data", "2", "--pool-size", "16", "--no-progress", "--prompt", "a cat", "--out", str(tmp_path / "g")]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "g" / "guidance.json").read_text())
+    assert record["eta"] == 1.0 and record["train_flops_per_step"] > 0
+
+
+def test_train_guidance_for_one_step_sampling(tmp_path, sd_dir, capsys):
+    """--noise-tilt turns the consistency loss off by itself; one-step data without it are trained
+    (the network serves multi-step sampling) with a warning that one-step sampling will refuse it."""
+    argv = ["train-guidance", "--model", str(sd_dir), "--reward", "brightness", "--beta", "0.5", "--cfg", "1",
+            "--height", "16", "--width", "16", "--data-steps", "1", "--steps", "2", "--batch-size", "8",
+            "--n-data", "2", "--pool-size", "16", "--no-progress", "--prompt", "a cat"]
+    assert main(argv + ["--noise-tilt", "--out", str(tmp_path / "noise")]) == 0
+    record = json.loads((tmp_path / "noise" / "guidance.json").read_text())
+    assert record["eta"] == 0.0 and record["train"]["noise_tilt"]
+    assert "one-step sampling refuses" not in capsys.readouterr().err
+    assert main(argv + ["--out", str(tmp_path / "states")]) == 0
+    assert "without --noise-tilt the network learns an x0 shift" in capsys.readouterr().err
+    assert main(argv + ["--noise-tilt", "--eta", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "eta=0" in capsys.readouterr().err
+
+
 def test_train_guidance_errors_are_clean(tmp_path, sd_dir, capsys):
     assert main(["train-guidance", "--out", str(tmp_path / "g")]) == 2
     assert "exactly one of --case" in capsys.readouterr().err

@@ -578,3 +578,22 @@ def test_smc_stage_data_are_weighted_particles_of_the_intermediate_tilt():
         from tiltgen.tilt.learned.anneal import train_annealed
         train_annealed(model, fam.schedule, RING.reward, small_config(n_data=30), shape=(2,), stage_particles=4,
                        progress=False)
+
+
+def test_flops_are_counted_for_a_step_through_an_input_gradient():
+    """A guidance network's consistency loss differentiates its own input gradient (create_graph);
+    FlopCounterMode's module hooks made autograd.grad on that leaf input fail."""
+    from tiltgen.core.compute import measure
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 1, 3, padding=1))
+
+    def step() -> float:
+        z = torch.randn(2, 4, 8, 8).requires_grad_(True)
+        (grad,) = torch.autograd.grad(net(z).sum(), z, create_graph=True)
+        loss = grad.pow(2).sum()
+        loss.backward()
+        return float(loss)
+
+    plain = measure(lambda: net(torch.randn(2, 4, 8, 8)).sum().backward())
+    cost = measure(step)
+    assert cost.value > 0 and cost.flops > 2 * plain.flops > 0

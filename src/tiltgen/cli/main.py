@@ -152,7 +152,8 @@ def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: 
                   data_steps: int | None = None) -> TrainConfig:
     from ..tilt.learned import TrainConfig
 
-    return TrainConfig(beta=beta, net=net, loss=args.loss, eta=args.eta, steps=args.steps, batch_size=args.batch_size,
+    eta = args.eta if args.eta is not None else (0.0 if args.noise_tilt else 1.0)
+    return TrainConfig(beta=beta, net=net, loss=args.loss, eta=eta, steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, n_data=args.n_data, pool_size=args.pool_size, time_levels=args.time_levels,
                        times=times, spacing=spacing, sampler=sampler, data_steps=data_steps or args.data_steps or 100,
                        trajectory=args.trajectory or args.noise_tilt, noise_tilt=args.noise_tilt,
@@ -260,6 +261,11 @@ def _text_to_image_training(args: argparse.Namespace) -> tuple:
     model = backend.at(args.height, args.width, guidance_scale=args.cfg)
     sampler = args.sampler or "ddim"
     steps = args.data_steps or backend.default_steps
+    if steps == 1 and not args.noise_tilt:
+        warnings.warn(f"the data are sampled in one step ({args.model}'s default, or --data-steps 1), but without "
+                      "--noise-tilt the network learns an x0 shift at the sampler's states, which one-step sampling "
+                      "refuses (it would only edit the output image): train with --noise-tilt to guide one-step "
+                      "sampling (docs/learned-guidance.md, one-step generators)", stacklevel=2)
     # train at the model's own sampling times, the ones `tiltgen sample` will guide at
     times = tuple(float(t) for t in model.times(steps) if t > 0)
     net = None
@@ -396,7 +402,8 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--loss", default=None, help="logistic (the default), poisson, mse, or log-mse (with "
                        "--noise-tilt only, and its default there: regression on r/beta, exact for a one-step "
                        "generator's input)")
-    train.add_argument("--eta", type=float, default=1.0, help="consistency weight (0 = off)")
+    train.add_argument("--eta", type=float, default=None,
+                       help="consistency weight (0 = off; default 1, and 0 with --noise-tilt, which needs it off)")
     train.add_argument("--steps", type=int, default=1500)
     train.add_argument("--batch-size", type=int, default=1024)
     train.add_argument("--lr", type=float, default=3e-3)
@@ -416,7 +423,7 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
                             "that depend on where things are, e.g. centring)")
     train.add_argument("--noise-tilt", action="store_true",
                        help="deterministic one-step generators: learn h of the input noise and tilt the noise "
-                            "(implies --trajectory; needs --eta 0 and --data-steps 1)")
+                            "(implies --trajectory and --eta 0; needs --data-steps 1)")
     train.add_argument("--fresh-noise", action="store_true",
                        help="noise the samples afresh at every step instead of a fixed pool of noised states "
                             "(needs --eta 0, no --trajectory); the network cannot memorise the noise")

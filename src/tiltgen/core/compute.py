@@ -32,6 +32,21 @@ def peak_memory(device: torch.device | str | None = None) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker: only the total is read here, and the tracker's
+    multi-grad hooks on module inputs make ``torch.autograd.grad(..., inputs=leaf)`` inside the
+    counted work fail ("A leaf node was passed to _will_engine_execute_node"), which is how a
+    guidance network takes its input gradient for the consistency loss."""
+
+    parents = {"Global"}
+
+    def __enter__(self) -> "_GlobalOnly":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def measure(fn: Callable[[], Any], *, count_flops: bool = True, device: torch.device | str | None = None
             ) -> Measured:
     """Run ``fn()`` once and report its FLOPs, wall time and peak memory."""
@@ -43,7 +58,9 @@ def measure(fn: Callable[[], Any], *, count_flops: bool = True, device: torch.de
     if count_flops:
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
+        counter = FlopCounterMode(display=False)
+        counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
+        with counter:
             value = fn()
         flops = int(counter.get_total_flops())
     else:
