@@ -1,6 +1,7 @@
 """`tiltgen sample` on a tiny saved pipeline, offline."""
 
 import json
+import math
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -90,6 +91,53 @@ def test_train_guidance_then_sample_learned(tmp_path, capsys):
     assert main(argv) == 0
     record = json.loads((tmp_path / "out" / "sample.json").read_text())
     assert record["method"] == "learned" and record["steps"] == 1 and record["cfg"] == 0.0
+
+
+def _sample_particles(sd_dir, out, *extra):
+    argv = ["sample", "--model", str(sd_dir), "--prompt", "a cat", "--prompt", "a dog", "--n", "3", "--reward",
+            "brightness", "--steps", "3", "--cfg", "1", "--height", "16", "--width", "16", "--seed", "5",
+            "--out", str(out), "--no-progress", *extra]
+    assert main(argv) == 0
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_best_of_n_keeps_the_best_candidate_whatever_the_batch(sd_dir, tmp_path):
+    """Candidate 0 of each image is its unguided sample: best-of-4 never scores below it, and the
+    images do not depend on the batch size (each depends only on its seed)."""
+    unguided = _sample_particles(sd_dir, tmp_path / "u")
+    best = _sample_particles(sd_dir, tmp_path / "b", "--method", "bestofn", "--particles", "4")
+    again = _sample_particles(sd_dir, tmp_path / "b1", "--method", "bestofn", "--particles", "4", "--batch-size", "1")
+    assert [r["seed"] for r in best] == [r["seed"] for r in unguided]
+    assert all(b["reward"] >= u["reward"] - 1e-6 for b, u in zip(best, unguided))
+    assert sum(b["reward"] > u["reward"] + 1e-6 for b, u in zip(best, unguided)) >= 3
+    assert [r["reward"] for r in again] == pytest.approx([r["reward"] for r in best], abs=1e-6)
+    assert all(r["particles"] == 4 and 0 <= r["bestofn:candidate"] < 4 for r in best)
+
+
+def test_smc_runs_one_population_per_image(sd_dir, tmp_path):
+    rows = _sample_particles(sd_dir, tmp_path / "s", "--method", "smc", "--particles", "3", "--beta", "0.05")
+    again = _sample_particles(sd_dir, tmp_path / "s1", "--method", "smc", "--particles", "3", "--beta", "0.05",
+                              "--batch-size", "1")
+    assert [r["reward"] for r in again] == pytest.approx([r["reward"] for r in rows], abs=1e-6)
+    assert all(r["method"] == "smc" and r["beta"] == 0.05 and math.isfinite(r["smc:log_z"]) for r in rows)
+    assert all(0 < r["smc:min_ess_frac"] <= 1 for r in rows)
+    record = json.loads((tmp_path / "s" / "sample.json").read_text())
+    assert record["sampler"] == "ddpm" and record["particles"] == 3 and "smc:log_z" in record["mean_terms"]
+
+
+def test_particle_options_are_checked(sd_dir, tmp_path, capsys):
+    base = ["sample", "--model", str(sd_dir), "--prompt", "a cat", "--reward", "brightness", "--out", str(tmp_path / "x")]
+    cases = [(["--method", "smc"], "--method smc needs --particles N"),
+             (["--method", "tweedie", "--particles", "2"], "--particles is for --method bestofn or smc"),
+             (["--method", "smc", "--particles", "0"], "--particles must be >= 1"),
+             (["--method", "smc", "--particles", "2", "--handoff"], "--handoff hands a learned twist"),
+             (["--method", "bestofn", "--particles", "2", "--guidance", "g"], "keeps the best of N unguided samples"),
+             (["--method", "smc", "--particles", "2", "--scale", "2"], "plain --method smc proposes with the base")]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        assert message in capsys.readouterr().err
+    assert main(base[:-4] + ["--out", str(tmp_path / "y"), "--method", "bestofn", "--particles", "2"]) == 2
+    assert "--method bestofn needs --reward" in capsys.readouterr().err
 
 
 def test_train_guidance_with_the_default_consistency_weight(tmp_path, sd_dir):

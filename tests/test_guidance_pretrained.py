@@ -137,3 +137,14 @@ def test_an_unknown_prompt_pooling_is_refused_by_the_training_config():
 
     with pytest.raises(TiltgenError, match="prompt pooling 'last'.*padded, tokens"):
         TrainConfig(beta=1.0, prompt_pooling="last")
+
+
+def test_twisted_smc_from_the_cli_tilts_at_the_networks_beta(trained, tmp_path):
+    argv = ["sample", "--model", str(trained / "sd"), "--prompt", "a cat", "--n", "2", "--reward", "brightness",
+            "--method", "smc", "--guidance", str(trained / "g"), "--particles", "3", "--handoff", "--steps", "3",
+            "--cfg", "1", "--height", "16", "--width", "16", "--out", str(tmp_path / "t"), "--no-progress"]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "t" / "sample.json").read_text())
+    assert record["beta"] == 0.5 and record["handoff"] and record["guidance"] == str(trained / "g")
+    assert all(isinstance(s["terms"]["smc:log_z"], float) for s in record["samples"])
+    assert main(argv[:-3] + ["--beta", "0.1", "--out", str(tmp_path / "b"), "--no-progress"]) == 2  # not its beta

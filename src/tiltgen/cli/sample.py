@@ -14,6 +14,7 @@ from typing import Any, Iterator
 from ..core.prompts import PromptRow, read_prompt_file
 from ..errors import TiltgenError
 from ..eval.estimators import METHODS
+from .sample_particles import PARTICLE_METHODS, check_particle_args, particle_sampler
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16"}
@@ -49,10 +50,13 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--reward", help="reward spec, e.g. 'pickscore:1.0,aesthetic(head=/w/head.pth):0.5'")
     p.add_argument("--eval-reward", help="held-out rewards, only evaluated and reported (same spec syntax)")
-    p.add_argument("--method", default="unguided", choices=METHODS,
+    p.add_argument("--method", default="unguided", choices=METHODS + PARTICLE_METHODS,
                    help="sampled in one step (--steps 1, a one-step model's default), tweedie tilts the input noise "
                         "through the generator; trainingfree and networks trained without --noise-tilt are refused "
-                        "there (their x0 shift would only edit the output)")
+                        "there (their x0 shift would only edit the output). bestofn: the best of --particles "
+                        "unguided samples by --reward; smc: --particles per image, weighted by exp(--reward / "
+                        "--beta) and resampled (sampler ddpm), with --guidance twisted SMC (the network twists and "
+                        "proposes)")
     p.add_argument("--beta", type=float, default=None,
                    help="tilt temperature (smaller = stronger; default 0.1; --method learned: the network's own)")
     p.add_argument("--scale", type=float, default=None,
@@ -61,6 +65,12 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--t-window", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for t in [LO, HI]")
     p.add_argument("--guidance", help="--method learned: folder written by train-guidance, builtin:<name>, or a "
                                       "hub id (org/name) in the local Hugging Face cache")
+    p.add_argument("--particles", type=int, default=None, metavar="N",
+                   help="--method bestofn: candidates per image; --method smc: particles per image (each image's "
+                        "population depends only on its seed)")
+    p.add_argument("--handoff", action="store_true",
+                   help="--method smc with --guidance: hand the network's twist over to the plug-in r(x0_hat)/beta "
+                        "near the data (docs/particles.md)")
     p.add_argument("--force-guidance", action="store_true",
                    help="use a guidance network trained for another base model (refused otherwise; a warning)")
     p.add_argument("--data-var", type=data_variance, default=None,
@@ -179,6 +189,7 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any, bank: Any = No
 def _check_args(args: argparse.Namespace) -> list[PromptRow]:
     """Validate everything that can be checked before loading a model; the prompt rows."""
     rows = prompt_rows_from_args(args)
+    check_particle_args(args)
     if args.method in ("tweedie", "trainingfree") and not args.reward:  # fail before loading gigabytes
         raise TiltgenError(f"--method {args.method} needs --reward")
     if args.method == "learned" and not args.guidance:
@@ -232,8 +243,8 @@ def score_images(reward: Any, held_out: dict[str, Any], images: Any, prompts: li
 
 # settings that change the images or their scores; a rerun into the same --out must match them
 JOB_KEYS = ("model", "method", "reward", "eval_reward", "beta", "scale", "t_window", "guidance", "data_var", "variant",
-            "bank", "steps", "cfg", "true_cfg", "sampler", "height", "width", "n", "seed", "dtype", "negative_prompt",
-            "max_sequence_length")
+            "bank", "particles", "handoff", "steps", "cfg", "true_cfg", "sampler", "height", "width", "n", "seed",
+            "dtype", "negative_prompt", "max_sequence_length")
 
 
 def job_config(args: argparse.Namespace, rows: list[PromptRow]) -> dict[str, Any]:
@@ -293,7 +304,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
     if backend.family == "flux":
         extra["true_cfg_scale"] = args.true_cfg
     steps = args.steps or backend.default_steps
-    sampler = args.sampler or "ddim"
+    sampler = args.sampler or ("ddpm" if args.method == "smc" else "ddim")
     banks = None
     if args.bank:
         from ..core.prompts import image_seed
@@ -303,28 +314,39 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
                                              image_seed(args.seed, p, 0, row.seed)) for p, row in enumerate(rows)],
                             args.bank, steps=steps, sampler=sampler, batch_size=args.batch_size, lazy=True,
                             guidance_scale=args.cfg, **extra)
-    estimator = _estimator(args, model, reward, banks)
     shared: dict[str, Any] = {}
 
-    def sample(chunk: list) -> Any:
-        chunk_negatives = [item.negative_prompt for item in chunk]
-        cond = model.encode([item.prompt for item in chunk],
-                            None if not any(chunk_negatives) else [n or "" for n in chunk_negatives],
+    def encode(chunk: list) -> Any:
+        negatives = [item.negative_prompt for item in chunk]
+        cond = model.encode([item.prompt for item in chunk], None if not any(negatives) else [n or "" for n in negatives],
                             guidance_scale=args.cfg, **extra)
-        result = model.sample(cond, seeds=[item.seed for item in chunk], steps=steps, sampler=sampler,
-                              guidance=estimator, progress=False)
-        shared.setdefault("times", [float(t) for t in result.times])
         shared.setdefault("cfg", cond.cfg_scale)
-        return result.images
+        return cond
+
+    diagnostics: dict[str, dict[str, float]] = {}  # per image file: what a particle method reports
+    if args.method in PARTICLE_METHODS:
+        sample = particle_sampler(args, model, reward, steps, sampler, encode, diagnostics)
+    else:
+        estimator = _estimator(args, model, reward, banks)
+
+        def sample(chunk: list) -> Any:
+            result = model.sample(encode(chunk), seeds=[item.seed for item in chunk], steps=steps, sampler=sampler,
+                                  guidance=estimator, progress=False)
+            shared.setdefault("times", [float(t) for t in result.times])
+            return result.images
 
     def score(images: Any, chunk: list) -> Any:
-        return score_images(reward, held_out, images, [item.prompt for item in chunk])
+        rewards, terms = score_images(reward, held_out, images, [item.prompt for item in chunk])
+        for key in sorted({key for item in chunk for key in diagnostics.get(item.file, {})}):
+            terms[key] = [diagnostics[item.file][key] for item in chunk]
+        return rewards, terms
 
     items = plan_items(rows, args.n, args.seed, args.negative_prompt)
     if state == "resume" and processes.is_main:
         print(f"resuming the unfinished run in {out}")
     upscale = max(1, 256 // max(model.height, model.width))  # tiny (built-in) images are saved enlarged
-    info = {"method": args.method, "beta": args.beta, "scale": args.scale}
+    info = {"method": args.method, "beta": args.beta, "scale": args.scale,
+            **({"particles": args.particles} if args.particles else {})}
     start = time.perf_counter()
     job = run_job(out, items, batch_size=args.batch_size, sample=sample, score=score, row_info=info,
                   processes=processes, upscale=upscale, progress=not args.no_progress)
@@ -336,7 +358,8 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
     job.timings["manifest_s"] = time.perf_counter() - start
     removed = remove_stale_images(out, {row["image"] for row in job.rows})
     rewards = [row["reward"] for row in job.rows if row["reward"] is not None]
-    term_names = [k for k in job.rows[0] if k.startswith("eval:") or k in getattr(reward, "last_terms", {})]
+    term_names = [k for k in job.rows[0] if k.startswith(("eval:", "smc:", "bestofn:"))
+                  or k in getattr(reward, "last_terms", {})]
     record = {
         "command": "sample", "job": config, "model": str(args.model), "pipeline": type(backend.pipe).__name__,
         "family": backend.family, "prediction": model.prediction, "schedule": model.schedule.config()
@@ -348,6 +371,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
         "dtype": args.dtype, **memory_kwargs(args),
         "method": args.method, "reward": args.reward, "beta": args.beta, "scale": args.scale,
         "t_window": args.t_window, "guidance": args.guidance, "variant": args.variant, "bank": args.bank,
+        "particles": args.particles, "handoff": args.handoff,
         "seed": args.seed,
         "eval_reward": args.eval_reward, "n_per_prompt": args.n, "device": processes.device,
         "processes": processes.world_size, "batch_size": args.batch_size, "wall_s": wall,
@@ -360,7 +384,8 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
     write_json(out / "sample.json", record)
     finish_output(out)
     means = ([f"mean reward {record['mean_reward']:.4f}"] if record["mean_reward"] is not None else []) + \
-        [f"{name.removeprefix('eval:')} {value:.4f}" for name, value in record["mean_terms"].items()]
+        [f"{name.removeprefix('eval:')} {value:.4f}" for name, value in record["mean_terms"].items()
+         if not name.startswith(("smc:", "bestofn:"))]
     summary = "".join(f"; {part}" for part in means)
     resumed = f"; {job.resumed_images} kept from the interrupted run" if job.resumed_images else ""
     stale = f"; {removed} stale images of a replaced run removed" if removed else ""

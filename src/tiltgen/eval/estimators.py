@@ -14,6 +14,7 @@ from ..errors import TiltgenError
 METHODS = ("unguided", "tweedie", "trainingfree", "learned")
 DEFAULT_BETA = 0.1
 BANK_SEED_OFFSET = 500_000  # bank sample j of a prompt uses the seed of its image BANK_SEED_OFFSET + j
+CANDIDATE_STRIDE = 1_000_003  # best-of-N: candidate k of an image seeded s uses s + k * CANDIDATE_STRIDE
 
 
 def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *, guidance: str | None = None,

@@ -29,8 +29,8 @@ from ..core.compute import measure
 from ..core.files import atomic_write, write_json
 from ..errors import TiltgenError
 from .oracle import attribute_tv, fraction_of_exact_gain, tilted_statistics, weighted_histograms
-from .world_demo import (BINARY_REWARD, CANDIDATE_STRIDE, DEFAULT_BETA, GOLD_REWARD, GUIDANCE, MODELS,
-                         TARGET_REWARD)
+from .estimators import CANDIDATE_STRIDE
+from .world_demo import BINARY_REWARD, DEFAULT_BETA, GOLD_REWARD, GUIDANCE, MODELS, TARGET_REWARD
 from .world_report import diversity
 
 STAGE_VERSION = 1

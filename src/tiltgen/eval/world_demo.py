@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..core.model import CountingModel
 from ..errors import TiltgenError
 from ..tilt.base import GuidedModel
-from .estimators import build_banks, build_estimator, default_data_var, default_variant
+from .estimators import CANDIDATE_STRIDE, build_banks, build_estimator, default_data_var, default_variant
 
 TARGET_REWARD = "world-proxy"
 GOLD_REWARD = "world-gold"
@@ -52,8 +52,6 @@ PARTICLE_ROWS = {"twisted-binary": "twisted", "smc-binary": "plain"}
 DEFAULT_ROWS = ("diffusion:unguided", "diffusion:tweedie", "diffusion:learned", "diffusion:bestofn",
                 "onestep:unguided", "onestep:learned", "onestep:bestofn",
                 "flow:unguided", "flow:trainingfree", "flow:trainingfree-bank", "flow:tweedie", "flow:bestofn")
-#: Seed offset between best-of-N candidates (candidate 0 is the unguided row's own sample).
-CANDIDATE_STRIDE = 1_000_003
 UNRELIABLE_SPREAD = 1.3
 
 
