@@ -85,6 +85,11 @@ def test_train_guidance_then_sample_learned(tmp_path, capsys):
                "--width", "16", "--reward", "brightness", "--out", str(tmp_path / "refused")]
     assert main(refused) == 2
     assert "shifts x0 (it was trained without noise_tilt)" in capsys.readouterr().err
+    calibrate = ["calibrate-guidance", "--guidance", str(tmp_path / "g-states"), "--model", str(tmp_path / "sdxlt"),
+                 "--reward", "brightness", "--prompt", "a cat", "--n", "2", "--cfg", "0", "--height", "16",
+                 "--width", "16", "--no-progress"]
+    assert main(calibrate) == 2  # nor is there a one-step scale to calibrate for it
+    assert "no one-step scale to calibrate" in capsys.readouterr().err
     argv = ["sample", "--model", str(tmp_path / "sdxlt"), "--prompt", "a cat", "--method", "learned", "--guidance",
             str(tmp_path / "g"), "--steps", "1", "--cfg", "0", "--height", "16", "--width", "16",
             "--reward", "brightness", "--out", str(tmp_path / "out")]

@@ -88,10 +88,14 @@ def _calibrate(args: argparse.Namespace) -> int:
                            f"not {reward_name(reward)!r}")
     guidance = load_guidance(folder, cond_encoder=prompt_encoder(model, record), scale=1.0)
     train = record.get("train", {})
+    steps = int(train.get("data_steps") or model.backend.default_steps)
+    if steps == 1 and not guidance.tilts_input:
+        raise TiltgenError(f"the guidance network in {folder} shifts x0 (trained without --noise-tilt) on one-step "
+                           "samples; one-step sampling refuses such a network (its shift would only edit the output "
+                           "image), so it has no one-step scale to calibrate: train it with --noise-tilt")
     state = folder / ".calibration-state.json"
     result = calibrate_scale(model, model.schedule, reward, guidance, beta=float(record["beta"]), conditions=prompts,
-                             shape=model.latent_shape, sampler=train.get("sampler", "ddim"),
-                             steps=int(train.get("data_steps") or model.backend.default_steps),
+                             shape=model.latent_shape, sampler=train.get("sampler", "ddim"), steps=steps,
                              spacing=train.get("spacing", "uniform"), config=config, state_path=state,
                              progress=not args.no_progress, log=print)
     record["calibration"] = result
