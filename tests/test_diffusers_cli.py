@@ -143,6 +143,11 @@ def test_particle_options_are_checked(sd_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(base[:-4] + ["--out", str(tmp_path / "y"), "--method", "bestofn", "--particles", "2"]) == 2
     assert "--method bestofn needs --reward" in capsys.readouterr().err
+    ignored = base[:-1] + [str(tmp_path / "z"), "--method", "bestofn", "--particles", "2", "--beta", "0.1",
+                           "--steps", "2", "--cfg", "1", "--height", "16", "--width", "16", "--no-progress"]
+    assert main(ignored) == 0
+    assert "--beta is ignored with --method bestofn" in capsys.readouterr().err
+    assert json.loads((tmp_path / "z" / "sample.json").read_text())["beta"] is None
 
 
 def test_train_guidance_with_the_default_consistency_weight(tmp_path, sd_dir):

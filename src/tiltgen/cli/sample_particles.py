@@ -9,6 +9,7 @@ image from a generator seeded with the image's seed.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Callable
 
 import torch
@@ -38,6 +39,10 @@ def check_particle_args(args: argparse.Namespace) -> None:
         if given:
             raise TiltgenError(f"--method bestofn keeps the best of N unguided samples; {', '.join(given)} "
                                "would guide them (use --method smc --guidance for a learned proposal)")
+        if args.beta is not None:
+            print("tiltgen: warning: --beta is ignored with --method bestofn (it keeps the highest reward; use "
+                  "--method smc to sample the tilt at a beta)", file=sys.stderr)
+            args.beta = None  # the manifest must not claim a tilt
     if args.method == "smc" and args.variant:
         raise TiltgenError("--variant chooses a training-free or Tweedie estimator; --method smc does not use one")
     if args.method == "smc" and not args.guidance and (args.scale is not None or args.t_window):
