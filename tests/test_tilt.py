@@ -196,3 +196,13 @@ def test_closed_form_reward_gradient_matches_autograd_and_is_counted():
     bad.grad = lambda x0, c: x0[:, :1]
     with pytest.raises(TiltgenError, match="grad returned shape"):
         reward_gradient(bad, x)
+
+
+def test_a_non_finite_x0_prediction_is_named_not_blamed_on_the_reward():
+    """An eps model on a flow has no x0 at t = 1 (alpha = 0): the error says so, at that time."""
+    s = RectifiedFlow()
+    model = as_model(lambda x, t, c: torch.zeros_like(x), prediction="eps")
+    reward = as_reward(lambda x, c: -(x**2).sum(1))
+    guided = GuidedModel(model, s, TweedieGuidance(reward, beta=1.0))
+    with pytest.raises(TiltgenError, match=r"x0 prediction is not finite at t = 1 for 4 of 4 samples \(an eps"):
+        sample(guided, s, shape=(2,), n=4, steps=5, progress=False)

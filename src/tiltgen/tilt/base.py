@@ -67,10 +67,12 @@ class GuidedModel:
             with torch.enable_grad():
                 x = x_t.detach().requires_grad_(True)
                 x0, eps = to_x0_eps(self.prediction, self.model(x, t, cond), x, c)
+                _check_x0(x0, t, self.prediction)
                 tilt = self.estimator(x, t, cond, x0)
             x0, eps = x0.detach(), eps.detach()
         else:
             x0, eps = to_x0_eps(self.prediction, self.model(x_t, t, cond), x_t, c)
+            _check_x0(x0, t, self.prediction)
             tilt = self.estimator(x_t, t, cond, x0)
         return from_x0_eps(self.prediction, *apply_tilt(x0, eps, tilt, c), c)
 
@@ -102,3 +104,14 @@ class GuidedModel:
             raise TiltgenError(f"this guidance tilts a one-step generator's input noise (the model call at t = "
                                f"{start:g}), but the sampler also calls the model at t = {first:.4g}: sample with "
                                f"a single step (--steps 1, num_inference_steps=1)")
+
+
+def _check_x0(x0: Tensor, t: Tensor, prediction: str) -> None:
+    """Guidance reads the model's x0_hat; name a non-finite one here, not as the reward's fault later."""
+    bad = ~torch.isfinite(x0.detach()).flatten(1).all(1)
+    if bool(bad.any()):
+        first = float(torch.as_tensor(t).reshape(-1).expand(x0.shape[0])[bad][0])
+        hint = (" (an eps prediction carries no x0 where alpha = 0: use a velocity or x0 model, or start the "
+                "sampler below that time)" if prediction == "eps" else "")
+        raise TiltgenError(f"the model's x0 prediction is not finite at t = {first:.4g} for {int(bad.sum())} of "
+                           f"{x0.shape[0]} samples{hint}")
