@@ -160,6 +160,8 @@ def test_train_guidance_with_the_default_consistency_weight(tmp_path, sd_dir):
     assert main(argv) == 0
     record = json.loads((tmp_path / "g" / "guidance.json").read_text())
     assert record["eta"] == 1.0 and record["train_flops_per_step"] > 0
+    assert main(argv[:-1] + [str(tmp_path / "fresh"), "--fresh-noise"]) == 0  # which needs (and implies) eta 0
+    assert json.loads((tmp_path / "fresh" / "guidance.json").read_text())["eta"] == 0.0
 
 
 def test_train_guidance_for_one_step_sampling(tmp_path, sd_dir, capsys):

@@ -152,7 +152,8 @@ def _train_config(args: argparse.Namespace, beta: float, spacing: str, sampler: 
                   data_steps: int | None = None) -> TrainConfig:
     from ..tilt.learned import TrainConfig
 
-    eta = args.eta if args.eta is not None else (0.0 if args.noise_tilt else 1.0)
+    # both need the consistency loss off (it reads the frozen model's x0_hat at fixed states)
+    eta = args.eta if args.eta is not None else (0.0 if args.noise_tilt or args.fresh_noise else 1.0)
     return TrainConfig(beta=beta, net=net, loss=args.loss, eta=eta, steps=args.steps, batch_size=args.batch_size,
                        lr=args.lr, n_data=args.n_data, pool_size=args.pool_size, time_levels=args.time_levels,
                        times=times, spacing=spacing, sampler=sampler, data_steps=data_steps or args.data_steps or 100,
@@ -403,7 +404,8 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
                        "--noise-tilt only, and its default there: regression on r/beta, exact for a one-step "
                        "generator's input)")
     train.add_argument("--eta", type=float, default=None,
-                       help="consistency weight (0 = off; default 1, and 0 with --noise-tilt, which needs it off)")
+                       help="consistency weight (0 = off; default 1, and 0 with --noise-tilt or --fresh-noise, "
+                            "which need it off)")
     train.add_argument("--steps", type=int, default=1500)
     train.add_argument("--batch-size", type=int, default=1024)
     train.add_argument("--lr", type=float, default=3e-3)
@@ -426,7 +428,7 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
                             "(implies --trajectory and --eta 0; needs --data-steps 1)")
     train.add_argument("--fresh-noise", action="store_true",
                        help="noise the samples afresh at every step instead of a fixed pool of noised states "
-                            "(needs --eta 0, no --trajectory); the network cannot memorise the noise")
+                            "(implies --eta 0; no --trajectory); the network cannot memorise the noise")
     train.add_argument("--val-fraction", type=float, default=0.0,
                        help="share of the prompts held out; the weights kept are those with the lowest held-out "
                             "loss, checked every --checkpoint-every steps (default 0: keep the last)")
