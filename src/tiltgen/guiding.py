@@ -55,7 +55,7 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
         raise TiltgenError(f"unknown method {method!r} for guide(); choose one of: {', '.join(METHODS)}")
     if particles is not None:
         raise TiltgenError("guide() runs one guided trajectory per image; particle methods (best-of-n, smc) run "
-                           "through `tiltgen sample --method smc|bestofn` or tiltgen.tilt.particles")
+                           "through `tiltgen sample --method smc|bestofn --particles N` or tiltgen.tilt.particles")
     if method != "learned" and reward is None:
         raise TiltgenError(f"method {method!r} needs a reward")
     if method == "learned" and guidance is None:

@@ -318,7 +318,8 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
 
     def encode(chunk: list) -> Any:
         negatives = [item.negative_prompt for item in chunk]
-        cond = model.encode([item.prompt for item in chunk], None if not any(negatives) else [n or "" for n in negatives],
+        cond = model.encode([item.prompt for item in chunk],
+                            None if not any(negatives) else [n or "" for n in negatives],
                             guidance_scale=args.cfg, **extra)
         shared.setdefault("cfg", cond.cfg_scale)
         return cond
