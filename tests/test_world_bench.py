@@ -202,10 +202,10 @@ def test_stages_split_over_processes_cover_every_stage_once(tmp_path, monkeypatc
     samples = [c for r in (0, 1) for c in calls[r] if c[0] == "sample"]
     assert len(samples) == len(set(samples))                       # nothing twice
     assert {c for c in calls[0] if c[0] == "sample"}.isdisjoint(c for c in calls[1] if c[0] == "sample")
-    # diffusion: unguided, tweedie, learned x 2 seeds; onestep: unguided, learned x 2; flow: 4;
-    # best-of-2 on 3 models, SMC-2 on 2, twisted SMC-2 (without and with hand-off) on diffusion;
-    # 4 fine-tuning rows x 2 seeds x 2 budgets
-    assert len(samples) == 4 + 3 + 4 + 3 + 2 + 2 + 16
+    # diffusion: unguided, tweedie, learned x 2 seeds; onestep: unguided, tweedie (its noise tilt),
+    # learned x 2; flow: 4; best-of-2 on 3 models, SMC-2 on 2, twisted SMC-2 (without and with
+    # hand-off) on diffusion; 4 fine-tuning rows x 2 seeds x 2 budgets
+    assert len(samples) == 4 + 4 + 4 + 3 + 2 + 2 + 16
     assert {c[5] for c in samples if c[3] == "learned"} == {"guidance-diffusion-0", "guidance-diffusion-1",
                                                             "guidance-onestep-0", "guidance-onestep-1"}
     assert sorted(c[1] for r in (0, 1) for c in calls[r] if c[0] == "oracle") == ["diffusion", "flow", "onestep"]
@@ -216,7 +216,7 @@ def test_rows_filter_runs_only_the_named_rows_and_their_models_unguided_row():
     from tiltgen.eval.world_bench import finetune_plan, planned_models, row_names, sampling_plan
 
     full = BenchSettings()
-    assert len(sampling_plan(full)) == 9 + 3 * 2 + 2 * 2 + 2 * 2 and len(finetune_plan(full)) == 4
+    assert len(sampling_plan(full)) == 10 + 3 * 2 + 2 * 2 + 2 * 2 and len(finetune_plan(full)) == 4
     settings = BenchSettings(particles=(4, 8), rows=("diffusion:learned", "diffusion:twisted-smc",
                                                      "onestep:finetune-draft"))
     assert sampling_plan(settings) == [("diffusion", "unguided", 1), ("diffusion", "learned", 1),

@@ -35,7 +35,7 @@ from .world_report import diversity
 
 STAGE_VERSION = 1
 #: sampling-time rows per model (best-of-N and SMC at each particle count are added)
-SAMPLING_ROWS = {"diffusion": ("unguided", "tweedie", "learned"), "onestep": ("unguided", "learned"),
+SAMPLING_ROWS = {"diffusion": ("unguided", "tweedie", "learned"), "onestep": ("unguided", "tweedie", "learned"),
                  "flow": ("unguided", "trainingfree", "trainingfree-bank", "tweedie")}
 #: plug-in SMC at each particle count
 SMC_MODELS = ("diffusion", "flow")
