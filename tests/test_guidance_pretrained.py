@@ -148,3 +148,16 @@ def test_twisted_smc_from_the_cli_tilts_at_the_networks_beta(trained, tmp_path):
     assert record["beta"] == 0.5 and record["handoff"] and record["guidance"] == str(trained / "g")
     assert all(isinstance(s["terms"]["smc:log_z"], float) for s in record["samples"])
     assert main(argv[:-3] + ["--beta", "0.1", "--out", str(tmp_path / "b"), "--no-progress"]) == 2  # not its beta
+
+
+def test_twisted_smc_through_guide_uses_the_networks_beta_and_twist(trained):
+    import tiltgen
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(trained / "sd"))
+    guided = tiltgen.guide(pipe, reward="brightness", method="smc", guidance=str(trained / "g"), particles=2,
+                           handoff=True)
+    out = guided(["a cat", "a dog"], height=16, width=16, num_inference_steps=3, guidance_scale=1.0,
+                 generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="latent")
+    assert out.images.shape == (2, 4, 8, 8) and torch.isfinite(out.images).all()
+    assert guided.beta == 0.5 and len(guided.last_particles) == 2

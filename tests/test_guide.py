@@ -178,8 +178,17 @@ def test_bad_calls_get_clear_errors():
     pipe = loaded(tiny.tiny_sd, scheduler="ddim")
     with pytest.raises(TiltgenError, match="does not support str; supported pipelines: StableDiffusionPipeline"):
         tiltgen.guide("not a pipeline", reward="brightness")
-    with pytest.raises(TiltgenError, match="particle methods"):
+    with pytest.raises(TiltgenError, match="particles= is for method='smc'"):
         tiltgen.guide(pipe, reward="brightness", particles=4)
+    with pytest.raises(TiltgenError, match="method 'smc' needs particles=N"):
+        tiltgen.guide(pipe, reward="brightness", method="smc")
+    with pytest.raises(TiltgenError, match="handoff=True hands a learned twist"):
+        tiltgen.guide(pipe, reward="brightness", method="smc", particles=2, handoff=True)
+    with pytest.raises(TiltgenError, match="method 'smc' does not use one"):
+        tiltgen.guide(pipe, reward="brightness", method="smc", particles=2, variant="damped")
+    smc = tiltgen.guide(pipe, reward="brightness", method="smc", beta=0.1, particles=2)
+    with pytest.raises(TiltgenError, match="does not take callback_on_step_end"):
+        smc("a cat", height=SIZE, width=SIZE, num_inference_steps=2, callback_on_step_end=lambda *a: a[-1])
     with pytest.raises(TiltgenError, match="needs a reward"):
         tiltgen.guide(pipe)
     with pytest.raises(TiltgenError, match="unknown method"):
@@ -216,3 +225,31 @@ def test_sample_banks_through_guide_equal_tiltgen_sampling(case):
     assert not close(latents["plain"], latents["bank"])  # the bank changed the guidance
     with pytest.raises(TiltgenError, match="bank= is a prior of training-free guidance"):
         tiltgen.guide(pipe, reward=reward, method="tweedie", bank=banks)
+
+
+@pytest.mark.parametrize("case", ["sd-ddim", "sd3", "flux"])
+def test_smc_through_guide_equals_tiltgen_smc_and_leaves_the_pipeline_as_it_was(case):
+    """method="smc": one population of N particles per image, seeded by the call's generators, the
+    pipeline's own output type; the same latents as tiltgen's smc_sample on the same seeds."""
+    from tiltgen.tilt.particles import smc_sample
+
+    build, kwargs, steps, scale = CASES[case]
+    pipe = loaded(build, **kwargs)
+    pipeline_latents(pipe, pipe, steps, scale)
+    before = state_of(pipe)
+    guided = tiltgen.guide(pipe, reward="brightness", method="smc", beta=0.1, particles=3)
+    ours = pipeline_latents(pipe, guided, steps, scale)
+    assert state_of(pipe) == before
+    assert [p["seed"] for p in guided.last_particles] == SEEDS
+    assert all(len(p["ess"]) == steps and torch.isfinite(torch.tensor(p["log_z"])) for p in guided.last_particles)
+
+    model = DiffusersBackend(loaded(build, **kwargs)).at(SIZE, SIZE, guidance_scale=scale)
+    reward = model.latent_reward(get_reward("brightness"))
+    ref = torch.cat([smc_sample(model, model.schedule, reward, 0.1, n=1, particles=3, shape=model.latent_shape,
+                                cond=model.encode([prompt] * 3, **extra(pipe)), steps=steps, seed=seed).samples
+                     for prompt, seed in zip(PROMPTS, SEEDS)])
+    assert close(ours, ref), f"{case}: max |diff| {float((ours - ref).abs().max())}"
+    images = guided(PROMPTS, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=scale,
+                    generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="pt",
+                    **extra(pipe)).images
+    assert images.shape == (2, 3, SIZE, SIZE) and 0 <= float(images.min()) and float(images.max()) <= 1

@@ -26,13 +26,13 @@ from torch import Tensor
 
 from .errors import TiltgenError
 
-METHODS = ("tweedie", "trainingfree", "learned")
+METHODS = ("tweedie", "trainingfree", "learned", "smc")
 
 
 def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | None = None,
           guidance: Any = None, particles: int | None = None, *, scale: float | None = None,
           t_window: tuple[float, float] | None = None, variant: str | None = None, force: bool = False,
-          cache_dir: str | None = None, bank: Any = None) -> "GuidedPipeline":
+          cache_dir: str | None = None, bank: Any = None, handoff: bool = False) -> "GuidedPipeline":
     """A callable with ``pipe``'s own call signature and output that samples p* ∝ p·exp(r/β).
 
     ``pipe``: a loaded ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
@@ -41,7 +41,11 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
     ``(images in [0, 1], prompts) -> [N]``. ``method``: ``tweedie`` (backpropagation through the
     denoiser), ``trainingfree`` or ``learned`` (``guidance``: a trained network, its folder,
     ``builtin:<name>`` or a cached hub id; refused for another base model unless ``force``).
-    ``particles`` is not supported here: use ``tiltgen sample --method smc`` / best-of-n.
+    ``method="smc"`` with ``particles=N``: SMC with N particles per image, resampled on low ESS
+    (tiltgen's ``ddpm`` sampler on the pipeline's own modules, the pipeline's output type; module
+    :mod:`tiltgen.guiding_smc`); with ``guidance`` it is twisted SMC (the network twists and
+    proposes at its own beta; ``handoff`` passes the twist to the plug-in near the data). Each
+    call's per-image log normalising-constant estimate and per-step ESS are in ``last_particles``.
     ``bank`` (``trainingfree`` only): sample banks of unguided latents, ``{prompt: SampleBank}``
     (e.g. from :func:`tiltgen.eval.estimators.build_banks`), drawn with the settings of the calls
     they will guide.
@@ -53,9 +57,16 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
         raise TiltgenError(f"guide() does not support {name}; supported pipelines: {', '.join(FAMILIES)}")
     if method not in METHODS:
         raise TiltgenError(f"unknown method {method!r} for guide(); choose one of: {', '.join(METHODS)}")
-    if particles is not None:
-        raise TiltgenError("guide() runs one guided trajectory per image; particle methods (best-of-n, smc) run "
-                           "through `tiltgen sample --method smc|bestofn --particles N` or tiltgen.tilt.particles")
+    if method == "smc":
+        if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+            raise TiltgenError(f"method 'smc' needs particles=N, an integer >= 1 (got {particles!r})")
+    elif particles is not None:
+        raise TiltgenError(f"particles= is for method='smc' (with guidance=: twisted SMC), not {method!r}: the other "
+                           "methods run one guided trajectory per image")
+    if method == "smc" and variant is not None:
+        raise TiltgenError("variant= chooses a Tweedie or training-free estimator; method 'smc' does not use one")
+    if handoff and not (method == "smc" and guidance is not None):
+        raise TiltgenError("handoff=True hands a learned twist over to the plug-in: it needs method='smc' with guidance=")
     if method != "learned" and reward is None:
         raise TiltgenError(f"method {method!r} needs a reward")
     if method == "learned" and guidance is None:
@@ -67,7 +78,7 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
 
         reward = reward_from_spec(reward)
     return GuidedPipeline(pipe, reward, method, beta, guidance, scale=scale, t_window=t_window, variant=variant,
-                          force=force, cache_dir=cache_dir, bank=bank)
+                          force=force, cache_dir=cache_dir, bank=bank, particles=particles, handoff=handoff)
 
 
 class GuidedPipeline:
@@ -75,13 +86,15 @@ class GuidedPipeline:
 
     def __init__(self, pipe: Any, reward: Any, method: str, beta: float | None, guidance: Any, *,
                  scale: float | None, t_window: tuple[float, float] | None, variant: str | None, force: bool,
-                 cache_dir: str | None, bank: Any = None):
+                 cache_dir: str | None, bank: Any = None, particles: int | None = None, handoff: bool = False):
         from .backends.diffusers.backend import DiffusersBackend
 
         self.pipe = pipe
         self.reward, self.method, self.beta, self.guidance = reward, method, beta, guidance
         self.options = {"scale": scale, "t_window": t_window, "variant": variant, "bank": bank}
         self.force, self.cache_dir = force, cache_dir
+        self.particles, self.handoff = particles, handoff
+        self.last_particles: list[dict[str, Any]] = []  # method="smc": each image's log Z, ESS trace, ...
         # a view of the pipeline that changes nothing in it (no casting, no requires_grad, no eval)
         self.backend = DiffusersBackend(pipe, adopt=False)
         self.family = self.backend.family
@@ -105,6 +118,10 @@ class GuidedPipeline:
         if self.family == "sd3" and (call.get("skip_guidance_layers") or extra.get("skip_guidance_layers")):
             raise TiltgenError("guide() does not support SD3's skip-layer guidance (skip_guidance_layers): its extra "
                                "denoiser calls are not the CFG pair tiltgen tilts")
+        if self.method == "smc":
+            from .guiding_smc import smc_call
+
+            return smc_call(self, call, extra)
         rows = self._prompt_rows(call)
         denoiser = self.backend.denoiser
         with self._wrapped(denoiser, self._make_hook(denoiser.forward, rows, call)):
@@ -127,6 +144,18 @@ class GuidedPipeline:
         if key not in self._models:
             self._models[key] = self.backend.at(height, width)
         return self._models[key]
+
+    def _model_for(self, height: int | None, width: int | None) -> Any:
+        """The model at a call's size; the pipeline's default size where the call gives none."""
+        if height and width:
+            return self._model(int(height), int(width))
+        model = self.backend.at(height, width)
+        return self._models.setdefault((model.height, model.width), model)
+
+    def _default(self, name: str) -> Any:
+        """The pipeline's own default for a call argument (None if it has none)."""
+        parameter = self._signature.parameters.get(name)
+        return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
     def _estimator(self, model: Any, steps: int | None) -> Any:
         # one step or several decides how a plug-in tilts a generator (eval/estimators.py)
