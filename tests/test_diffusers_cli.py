@@ -128,6 +128,11 @@ def test_smc_runs_one_population_per_image(sd_dir, tmp_path):
     assert all(0 < r["smc:min_ess_frac"] <= 1 for r in rows)
     record = json.loads((tmp_path / "s" / "sample.json").read_text())
     assert record["sampler"] == "ddpm" and record["particles"] == 3 and "smc:log_z" in record["mean_terms"]
+    drifted = _sample_particles(sd_dir, tmp_path / "d", "--method", "smc", "--particles", "3", "--beta", "0.05",
+                                "--drift", "trainingfree")
+    record = json.loads((tmp_path / "d" / "sample.json").read_text())
+    assert record["drift"] == "trainingfree" and record["variant"] == "bounded" and record["data_var"] == 1.0
+    assert [r["reward"] for r in drifted] != pytest.approx([r["reward"] for r in rows], abs=1e-6)  # it proposed
 
 
 def test_particle_options_are_checked(sd_dir, tmp_path, capsys):
@@ -137,7 +142,10 @@ def test_particle_options_are_checked(sd_dir, tmp_path, capsys):
              (["--method", "smc", "--particles", "0"], "--particles must be >= 1"),
              (["--method", "smc", "--particles", "2", "--handoff"], "--handoff hands a learned twist"),
              (["--method", "bestofn", "--particles", "2", "--guidance", "g"], "keeps the best of N unguided samples"),
-             (["--method", "smc", "--particles", "2", "--scale", "2"], "plain --method smc proposes with the base")]
+             (["--method", "smc", "--particles", "2", "--scale", "2"], "plain --method smc proposes with the base"),
+             (["--method", "tweedie", "--drift", "tweedie"], "--drift is the proposal of --method smc"),
+             (["--method", "smc", "--particles", "2", "--guidance", "g", "--drift", "tweedie"], "--drift is the"),
+             (["--method", "smc", "--particles", "2", "--variant", "damped"], "uses one only as its --drift")]
     for extra, message in cases:
         assert main(base + extra) == 2
         assert message in capsys.readouterr().err

@@ -68,6 +68,10 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--particles", type=int, default=None, metavar="N",
                    help="--method bestofn: candidates per image; --method smc: particles per image (each image's "
                         "population depends only on its seed)")
+    p.add_argument("--drift", choices=("tweedie", "trainingfree"), default=None,
+                   help="--method smc without --guidance: propose with this guidance of --reward at --beta (SMC on "
+                        "top of a drift, Feynman-Kac steering with gradient guidance; --variant, --scale, --t-window "
+                        "and --data-var shape it as for that method)")
     p.add_argument("--handoff", action="store_true",
                    help="--method smc with --guidance: hand the network's twist over to the plug-in r(x0_hat)/beta "
                         "near the data (docs/particles.md)")
@@ -243,7 +247,7 @@ def score_images(reward: Any, held_out: dict[str, Any], images: Any, prompts: li
 
 # settings that change the images or their scores; a rerun into the same --out must match them
 JOB_KEYS = ("model", "method", "reward", "eval_reward", "beta", "scale", "t_window", "guidance", "data_var", "variant",
-            "bank", "particles", "handoff", "steps", "cfg", "true_cfg", "sampler", "height", "width", "n", "seed",
+            "bank", "particles", "drift", "handoff", "steps", "cfg", "true_cfg", "sampler", "height", "width", "n", "seed",
             "dtype", "negative_prompt", "max_sequence_length")
 
 
@@ -372,7 +376,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
         "dtype": args.dtype, **memory_kwargs(args),
         "method": args.method, "reward": args.reward, "beta": args.beta, "scale": args.scale,
         "t_window": args.t_window, "guidance": args.guidance, "variant": args.variant, "bank": args.bank,
-        "particles": args.particles, "handoff": args.handoff,
+        "particles": args.particles, "drift": args.drift, "handoff": args.handoff,
         "seed": args.seed,
         "eval_reward": args.eval_reward, "n_per_prompt": args.n, "device": processes.device,
         "processes": processes.world_size, "batch_size": args.batch_size, "wall_s": wall,

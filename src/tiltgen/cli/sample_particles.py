@@ -43,11 +43,15 @@ def check_particle_args(args: argparse.Namespace) -> None:
             print("tiltgen: warning: --beta is ignored with --method bestofn (it keeps the highest reward; use "
                   "--method smc to sample the tilt at a beta)", file=sys.stderr)
             args.beta = None  # the manifest must not claim a tilt
-    if args.method == "smc" and args.variant:
-        raise TiltgenError("--variant chooses a training-free or Tweedie estimator; --method smc does not use one")
-    if args.method == "smc" and not args.guidance and (args.scale is not None or args.t_window):
-        raise TiltgenError("--scale and --t-window shape a learned proposal: plain --method smc proposes with the "
-                           "base model (give --guidance for twisted SMC)")
+    if args.drift and (args.method != "smc" or args.guidance):
+        raise TiltgenError("--drift is the proposal of --method smc without --guidance (with --guidance the network "
+                           "proposes)")
+    if args.method == "smc" and args.variant and not args.drift:
+        raise TiltgenError("--variant chooses a training-free or Tweedie estimator; --method smc uses one only as "
+                           "its --drift")
+    if args.method == "smc" and not (args.guidance or args.drift) and (args.scale is not None or args.t_window):
+        raise TiltgenError("--scale and --t-window shape a guided proposal: plain --method smc proposes with the "
+                           "base model (give --guidance for twisted SMC, or --drift)")
 
 
 Sampler = Callable[[list], Tensor]
@@ -95,14 +99,25 @@ def _smc(args: argparse.Namespace, model: Any, reward: Any, steps: int, sampler:
     from ..tilt.particles import smc_sample
 
     estimator = None
+    t_window = tuple(args.t_window) if args.t_window else None
     if args.guidance:  # twisted SMC: the network's log h_t twists, its guided drift proposes
         estimator, args.beta = build_estimator(model, "learned", None, args.beta, guidance=args.guidance,
-                                               scale=args.scale, t_window=tuple(args.t_window) if args.t_window
-                                               else None, force_guidance=args.force_guidance,
-                                               cache_dir=args.cache_dir, steps=steps)
+                                               scale=args.scale, t_window=t_window,
+                                               force_guidance=args.force_guidance, cache_dir=args.cache_dir,
+                                               steps=steps)
         args.scale = float(estimator.scale)
-    elif args.beta is None:
-        args.beta = DEFAULT_BETA
+    else:
+        args.beta = DEFAULT_BETA if args.beta is None else args.beta
+    if args.drift:  # the plug-in r(x0_hat)/beta twists, this guidance proposes
+        from ..eval.estimators import default_data_var, default_variant
+
+        args.variant = args.variant or ("plain" if args.drift == "tweedie" else default_variant(model))
+        if args.drift == "trainingfree" and args.data_var is None:
+            args.data_var = default_data_var(model)
+        estimator, _ = build_estimator(model, args.drift, reward, args.beta, scale=args.scale, t_window=t_window,
+                                       data_var=args.data_var, variant=args.variant, steps=steps)
+        args.scale = float(getattr(estimator, "scale", 1.0))
+    twisted = estimator is not None and args.guidance is not None
     latent_reward = model.latent_reward(reward)
     big_n = args.particles
 
@@ -111,7 +126,7 @@ def _smc(args: argparse.Namespace, model: Any, reward: Any, steps: int, sampler:
         for item in chunk:
             result = smc_sample(model, model.schedule, latent_reward, args.beta, n=1, particles=big_n,
                                 shape=model.latent_shape, cond=encode([item] * big_n), drift=estimator,
-                                twist=None if estimator is None else estimator.log_twist, handoff=args.handoff,
+                                twist=estimator.log_twist if twisted else None, handoff=args.handoff,
                                 sampler=sampler, steps=steps, seed=item.seed)
             images.append(model.decode(result.samples))
             diagnostics[item.file] = {"smc:log_z": float(result.log_z[0]), "smc:resamples": float(result.resamples),
