@@ -158,18 +158,21 @@ def test_particle_options_are_checked(sd_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "z" / "sample.json").read_text())["beta"] is None
 
 
-def test_train_guidance_with_the_default_consistency_weight(tmp_path, sd_dir):
-    """The default eta = 1 back-propagates through the network's input gradient. Counting the FLOPs
-    of that step once crashed inside torch (its module tracker's hooks and autograd.grad on a leaf),
-    so `tiltgen train-guidance --model ...` failed unless given --eta 0."""
+def test_train_guidance_defaults_and_the_consistency_loss(tmp_path, sd_dir):
+    """--model defaults to the image recipe: fresh noise (a fixed pool is memorised), so eta 0. With
+    --eta 1 the consistency loss back-propagates through the network's input gradient; counting the
+    FLOPs of that step once crashed inside torch (its module tracker's hooks and autograd.grad on a
+    leaf)."""
     argv = ["train-guidance", "--model", str(sd_dir), "--reward", "brightness", "--beta", "0.5", "--cfg", "1",
             "--height", "16", "--width", "16", "--data-steps", "2", "--steps", "2", "--batch-size", "8",
-            "--n-data", "2", "--pool-size", "16", "--no-progress", "--prompt", "a cat", "--out", str(tmp_path / "g")]
-    assert main(argv) == 0
-    record = json.loads((tmp_path / "g" / "guidance.json").read_text())
-    assert record["eta"] == 1.0 and record["train_flops_per_step"] > 0
-    assert main(argv[:-1] + [str(tmp_path / "fresh"), "--fresh-noise"]) == 0  # which needs (and implies) eta 0
-    assert json.loads((tmp_path / "fresh" / "guidance.json").read_text())["eta"] == 0.0
+            "--n-data", "2", "--pool-size", "16", "--no-progress", "--prompt", "a cat", "--out"]
+    assert main(argv + [str(tmp_path / "default")]) == 0
+    record = json.loads((tmp_path / "default" / "guidance.json").read_text())
+    assert record["eta"] == 0.0 and record["train"]["fresh_noise"] and record["train"]["val_fraction"] == 0.0
+    assert main(argv + [str(tmp_path / "eta"), "--eta", "1"]) == 0  # a fixed pool: fresh noise needs eta 0
+    record = json.loads((tmp_path / "eta" / "guidance.json").read_text())
+    assert record["eta"] == 1.0 and not record["train"]["fresh_noise"] and record["train_flops_per_step"] > 0
+    assert main(argv + [str(tmp_path / "bad"), "--eta", "1", "--fresh-noise"]) == 2
 
 
 def test_train_guidance_for_one_step_sampling(tmp_path, sd_dir, capsys):

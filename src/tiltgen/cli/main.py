@@ -181,6 +181,7 @@ def _train_guidance(args: argparse.Namespace) -> int:
     args.device = processes.device
     processes.wait()  # every process has checked --out before any writes to it
     writable_dir(out)
+    _image_recipe_defaults(args)
     if args.model is not None:
         model, schedule, reward, config, extra = _text_to_image_training(args)
     else:
@@ -234,10 +235,19 @@ def _analytic_training(args: argparse.Namespace) -> tuple:
     if args.family not in FAMILIES:
         raise TiltgenError(f"unknown family {args.family!r}; choose one of: {', '.join(FAMILIES)}")
     family = FAMILIES[args.family]
+    args.val_fraction = args.val_fraction or 0.0
     config = _train_config(args, case.beta if args.beta is None else args.beta, family.spacing,
                            args.sampler or "heun", None, "float64")
     model = case.base.model(family.schedule, family.prediction)
     return model, family.schedule, case.reward, config, {"shape": (case.dim,)}
+
+
+def _image_recipe_defaults(args: argparse.Namespace) -> None:
+    """Unset --fresh-noise: on for a text-to-image model, whose guidance networks memorise a fixed pool
+    of noised states (docs/learned-guidance.md), unless the run asks for what excludes it."""
+    if args.fresh_noise is None:
+        explicit_eta = args.eta is not None and args.eta > 0
+        args.fresh_noise = args.model is not None and not (args.trajectory or args.noise_tilt or explicit_eta)
 
 
 def _text_to_image_training(args: argparse.Namespace) -> tuple:
@@ -254,6 +264,8 @@ def _text_to_image_training(args: argparse.Namespace) -> tuple:
     if args.beta is None:
         raise TiltgenError("--model needs --beta (the tilt temperature)")
     prompts = prompts_from_args(args)
+    if args.val_fraction is None:  # hold out whole prompts only where there are enough of them
+        args.val_fraction = 0.1 if len(prompts) >= 10 else 0.0
     reward = reward_from_spec(args.reward)
     backend = DiffusersBackend.from_pretrained(args.model, dtype=getattr(torch, DTYPES[args.dtype]),
                                                device=args.device, cache_dir=args.cache_dir, vae_slicing=args.vae_slicing,
@@ -426,12 +438,14 @@ def _add_train_guidance(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--noise-tilt", action="store_true",
                        help="deterministic one-step generators: learn h of the input noise and tilt the noise "
                             "(implies --trajectory and --eta 0; needs --data-steps 1)")
-    train.add_argument("--fresh-noise", action="store_true",
+    train.add_argument("--fresh-noise", action=argparse.BooleanOptionalAction, default=None,
                        help="noise the samples afresh at every step instead of a fixed pool of noised states "
-                            "(implies --eta 0; no --trajectory); the network cannot memorise the noise")
-    train.add_argument("--val-fraction", type=float, default=0.0,
+                            "(implies --eta 0; no --trajectory); the network cannot memorise the noise (default: "
+                            "on with --model unless --trajectory, --noise-tilt or --eta > 0; off with --case)")
+    train.add_argument("--val-fraction", type=float, default=None,
                        help="share of the prompts held out; the weights kept are those with the lowest held-out "
-                            "loss, checked every --checkpoint-every steps (default 0: keep the last)")
+                            "loss, checked every --checkpoint-every steps (default: 0.1 with --model and at least "
+                            "10 prompts, else 0: keep the last)")
     train.add_argument("--data-from", help="reuse the samples and rewards of an earlier run folder (refused "
                                            "unless model, reward, prompts and data settings match)")
     train.add_argument("--anneal-ess", type=float, default=None, metavar="FRACTION",
