@@ -254,8 +254,7 @@ class GuidedPipeline:
                 return len(call[name])
         if call.get("num_inference_steps") is not None:
             return int(call["num_inference_steps"])
-        parameter = self._signature.parameters.get("num_inference_steps")
-        default = None if parameter is None else parameter.default
+        default = self._default("num_inference_steps")
         return default if isinstance(default, int) else None
 
     @staticmethod

@@ -24,9 +24,9 @@ SMC_CALL_ARGS = ("prompt", "negative_prompt", "num_inference_steps", "guidance_s
                  "num_images_per_prompt", "output_type", "return_dict", "max_sequence_length")
 
 
-def check_smc_call(call: dict[str, Any], extra: dict[str, Any]) -> None:
+def check_smc_call(call: dict[str, Any]) -> None:
     """Refuse, by name, the pipeline arguments that a particle call cannot honour."""
-    given = sorted(name for name, value in {**call, **extra}.items() if name not in SMC_CALL_ARGS and value is not None)
+    given = sorted(name for name, value in call.items() if name not in SMC_CALL_ARGS and value is not None)
     if given:
         raise TiltgenError(f"guide(..., method='smc') runs tiltgen's particle sampler, not the pipeline's own loop, "
                            f"so it does not take {', '.join(given)}; it takes {', '.join(SMC_CALL_ARGS)}")
@@ -51,14 +51,13 @@ def smc_call(guided: Any, call: dict[str, Any], extra: dict[str, Any]) -> Any:
     from .tilt.particles import smc_sample
 
     call = {**call, **extra}
-    check_smc_call(call, {})
+    check_smc_call(call)
     pipe, backend = guided.pipe, guided.backend
     prompts = guided._prompt_rows(call)
     negatives = _negatives(call.get("negative_prompt"), call, len(prompts))
     scale = call.get("guidance_scale", guided._default("guidance_scale"))
     model = guided._model_for(call.get("height"), call.get("width"))
-    steps = int(call.get("num_inference_steps") or guided._default("num_inference_steps") or
-                backend.default_steps)
+    steps = guided._steps(call) or backend.default_steps
     estimator, beta = None, guided.beta
     if guided.guidance is not None:
         estimator, beta = build_estimator(model, "learned", None, guided.beta, guidance=guided.guidance,

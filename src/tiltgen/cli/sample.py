@@ -14,7 +14,7 @@ from typing import Any, Iterator
 from ..core.prompts import PromptRow, read_prompt_file
 from ..errors import TiltgenError
 from ..eval.estimators import METHODS
-from .sample_particles import PARTICLE_METHODS, check_particle_args, particle_sampler
+from .sample_particles import DIAGNOSTIC_PREFIXES, PARTICLE_METHODS, check_particle_args, particle_sampler
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16"}
@@ -363,7 +363,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
     job.timings["manifest_s"] = time.perf_counter() - start
     removed = remove_stale_images(out, {row["image"] for row in job.rows})
     rewards = [row["reward"] for row in job.rows if row["reward"] is not None]
-    term_names = [k for k in job.rows[0] if k.startswith(("eval:", "smc:", "bestofn:"))
+    term_names = [k for k in job.rows[0] if k.startswith(("eval:",) + DIAGNOSTIC_PREFIXES)
                   or k in getattr(reward, "last_terms", {})]
     record = {
         "command": "sample", "job": config, "model": str(args.model), "pipeline": type(backend.pipe).__name__,
@@ -390,7 +390,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
     finish_output(out)
     means = ([f"mean reward {record['mean_reward']:.4f}"] if record["mean_reward"] is not None else []) + \
         [f"{name.removeprefix('eval:')} {value:.4f}" for name, value in record["mean_terms"].items()
-         if not name.startswith(("smc:", "bestofn:"))]
+         if not name.startswith(DIAGNOSTIC_PREFIXES)]
     summary = "".join(f"; {part}" for part in means)
     resumed = f"; {job.resumed_images} kept from the interrupted run" if job.resumed_images else ""
     stale = f"; {removed} stale images of a replaced run removed" if removed else ""

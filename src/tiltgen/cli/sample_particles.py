@@ -18,6 +18,8 @@ from torch import Tensor
 from ..errors import TiltgenError
 
 PARTICLE_METHODS = ("bestofn", "smc")
+#: Prefixes of the per-image diagnostics these methods add to the manifest.
+DIAGNOSTIC_PREFIXES = ("smc:", "bestofn:")
 
 
 def check_particle_args(args: argparse.Namespace) -> None:
