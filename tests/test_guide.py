@@ -184,7 +184,7 @@ def test_bad_calls_get_clear_errors():
         tiltgen.guide(pipe, reward="brightness", method="smc")
     with pytest.raises(TiltgenError, match="handoff=True hands a learned twist"):
         tiltgen.guide(pipe, reward="brightness", method="smc", particles=2, handoff=True)
-    with pytest.raises(TiltgenError, match="method 'smc' does not use one"):
+    with pytest.raises(TiltgenError, match="method 'smc' uses one only as its drift="):
         tiltgen.guide(pipe, reward="brightness", method="smc", particles=2, variant="damped")
     smc = tiltgen.guide(pipe, reward="brightness", method="smc", beta=0.1, particles=2)
     with pytest.raises(TiltgenError, match="does not take callback_on_step_end"):
@@ -253,3 +253,98 @@ def test_smc_through_guide_equals_tiltgen_smc_and_leaves_the_pipeline_as_it_was(
                     generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="pt",
                     **extra(pipe)).images
     assert images.shape == (2, 3, SIZE, SIZE) and 0 <= float(images.min()) and float(images.max()) <= 1
+
+
+@pytest.mark.parametrize("case", ["sd-ddim", "sd3", "flux"])
+def test_best_of_n_through_guide_keeps_the_candidate_tiltgen_sample_keeps(case):
+    """method="bestofn": N calls of the pipeline itself (its callback runs in each), candidate k of
+    image i seeded seed_i + k * CANDIDATE_STRIDE, as `tiltgen sample --method bestofn` draws them;
+    the kept latents are that candidate's, and the pipeline is left as it was."""
+    from tiltgen.eval.particle_images import candidate_seed
+
+    build, kwargs, steps, scale = CASES[case]
+    pipe = loaded(build, **kwargs)
+    pipeline_latents(pipe, pipe, steps, scale)
+    before = state_of(pipe)
+    guided = tiltgen.guide(pipe, reward="brightness", method="bestofn", particles=3)
+    calls = []
+    ours = pipeline_latents(pipe, guided, steps, scale,
+                            callback_on_step_end=lambda p, i, t, kw: calls.append(i) or kw)
+    assert state_of(pipe) == before
+    assert calls == list(range(steps)) * 3
+
+    model = DiffusersBackend(loaded(build, **kwargs)).at(SIZE, SIZE, guidance_scale=scale)
+    cond = model.encode(PROMPTS, **extra(pipe))
+    reward = get_reward("brightness")
+    candidates = [model.sample(cond, seeds=[candidate_seed(s, k) for s in SEEDS], steps=steps, decode=False).latents
+                  for k in range(3)]
+    with torch.no_grad():
+        scores = torch.stack([reward(model.decode(c), PROMPTS) for c in candidates], 1)
+    best = scores.argmax(1)
+    assert best.tolist() != [0, 0]  # these seeds pick a later candidate: the choice is tested, not just candidate 0
+    assert [p["candidate"] for p in guided.last_particles] == best.tolist()
+    assert [p["seed"] for p in guided.last_particles] == SEEDS
+    ref = torch.stack(candidates, 1)[torch.arange(2), best]
+    assert close(ours, ref), f"{case}: max |diff| {float((ours - ref).abs().max())}"
+    assert torch.allclose(torch.tensor([p["rewards"] for p in guided.last_particles]), scores, atol=1e-4)
+    for i, k in enumerate(best.tolist()):  # the kept image has the highest reward of its candidates
+        assert float(scores[i, k]) == float(scores[i].max())
+
+
+def test_best_of_n_candidate_zero_is_the_pipelines_own_image():
+    """With one candidate, best-of-N is the pipeline's own output for the same generators."""
+    build, kwargs, steps, scale = CASES["sd-ddim"]
+    pipe = loaded(build, **kwargs)
+    guided = tiltgen.guide(pipe, reward="brightness", method="bestofn", particles=1)
+    assert close(pipeline_latents(pipe, guided, steps, scale), pipeline_latents(pipe, pipe, steps, scale))
+    images = guided("a cat", num_images_per_prompt=2, height=SIZE, width=SIZE, num_inference_steps=2,
+                    output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, SIZE, SIZE)
+    assert [p["seed"] for p in guided.last_particles] == [0, 1]
+
+
+@pytest.mark.parametrize("drift", ["tweedie", "trainingfree"])
+def test_smc_with_a_drift_through_guide_equals_tiltgen_smc(drift):
+    """method="smc", drift=...: the guidance proposes under the plug-in twist, as `tiltgen sample
+    --method smc --drift` does (the same proposal and per-image code)."""
+    from tiltgen.eval.particle_images import smc_image, smc_proposal
+
+    build, kwargs, steps, scale = CASES["sd-ddim"]
+    pipe = loaded(build, **kwargs)
+    guided = tiltgen.guide(pipe, reward="brightness", method="smc", beta=0.1, particles=3, drift=drift)
+    ours = pipeline_latents(pipe, guided, steps, scale)
+    model = DiffusersBackend(loaded(build, **kwargs)).at(SIZE, SIZE, guidance_scale=scale)
+    reward = get_reward("brightness")
+    proposal = smc_proposal(model, reward, 0.1, drift=drift, steps=steps)
+    assert proposal.estimator is not None and not proposal.twisted
+    ref = torch.cat([smc_image(model, model.latent_reward(reward), proposal, 3, model.encode([prompt] * 3),
+                               seed=seed, steps=steps)[0] for prompt, seed in zip(PROMPTS, SEEDS)])
+    assert close(ours, ref), f"{drift}: max |diff| {float((ours - ref).abs().max())}"
+    plain = pipeline_latents(pipe, tiltgen.guide(pipe, reward="brightness", method="smc", beta=0.1, particles=3),
+                             steps, scale)
+    assert not close(ours, plain)  # the drift changed the proposal
+
+
+def test_particle_methods_refuse_what_they_cannot_take():
+    pipe = loaded(tiny.tiny_sd, scheduler="ddim")
+    with pytest.raises(TiltgenError, match="method 'bestofn' needs particles=N"):
+        tiltgen.guide(pipe, reward="brightness", method="bestofn")
+    with pytest.raises(TiltgenError, match="does not take guidance=, scale="):
+        tiltgen.guide(pipe, reward="brightness", method="bestofn", particles=2, guidance="x", scale=2.0)
+    with pytest.raises(TiltgenError, match="drift= is the proposal of method='smc' without guidance="):
+        tiltgen.guide(pipe, reward="brightness", method="tweedie", drift="tweedie")
+    with pytest.raises(TiltgenError, match="unknown SMC drift"):
+        tiltgen.guide(pipe, reward="brightness", method="smc", particles=2, drift="magic")
+    with pytest.raises(TiltgenError, match="plain method='smc' proposes with the base model"):
+        tiltgen.guide(pipe, reward="brightness", method="smc", particles=2, scale=2.0)
+    with pytest.warns(UserWarning, match="beta is ignored"):
+        best = tiltgen.guide(pipe, reward="brightness", method="bestofn", particles=2, beta=0.1)
+    assert best.beta is None
+    with pytest.raises(TiltgenError, match="does not take latents"):
+        best("a cat", height=SIZE, width=SIZE, latents=torch.zeros(1, 4, 2, 2))
+    embeds, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
+    needs_prompts = tiltgen.guide(pipe, reward=lambda images, prompts: images.mean((1, 2, 3)) * len(prompts),
+                                  method="bestofn", particles=2)
+    with pytest.raises(TiltgenError, match="call the pipeline with prompt=..."):
+        needs_prompts(prompt_embeds=embeds, negative_prompt_embeds=negative, height=SIZE, width=SIZE,
+                      num_inference_steps=2)

@@ -19,20 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from .errors import TiltgenError
+from .errors import TiltgenError, check_choice
 
-METHODS = ("tweedie", "trainingfree", "learned", "smc")
+METHODS = ("tweedie", "trainingfree", "learned", "smc", "bestofn")
+PARTICLE_METHODS = ("smc", "bestofn")
 
 
 def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | None = None,
           guidance: Any = None, particles: int | None = None, *, scale: float | None = None,
           t_window: tuple[float, float] | None = None, variant: str | None = None, force: bool = False,
-          cache_dir: str | None = None, bank: Any = None, handoff: bool = False) -> "GuidedPipeline":
+          cache_dir: str | None = None, bank: Any = None, handoff: bool = False,
+          drift: str | None = None) -> "GuidedPipeline":
     """A callable with ``pipe``'s own call signature and output that samples p* ∝ p·exp(r/β).
 
     ``pipe``: a loaded ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
@@ -43,9 +46,12 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
     ``builtin:<name>`` or a cached hub id; refused for another base model unless ``force``).
     ``method="smc"`` with ``particles=N``: SMC with N particles per image, resampled on low ESS
     (tiltgen's ``ddpm`` sampler on the pipeline's own modules, the pipeline's output type; module
-    :mod:`tiltgen.guiding_smc`); with ``guidance`` it is twisted SMC (the network twists and
-    proposes at its own beta; ``handoff`` passes the twist to the plug-in near the data). Each
-    call's per-image log normalising-constant estimate and per-step ESS are in ``last_particles``.
+    :mod:`tiltgen.guiding_particles`); with ``guidance`` it is twisted SMC (the network twists and
+    proposes at its own beta; ``handoff`` passes the twist to the plug-in near the data); with
+    ``drift="tweedie"|"trainingfree"`` that guidance proposes under the plug-in twist. Each call's
+    per-image log normalising-constant estimate and per-step ESS are in ``last_particles``.
+    ``method="bestofn"`` with ``particles=N``: N calls of the pipeline itself, each image's
+    highest-reward candidate kept (``last_particles`` names it); ``beta`` plays no part.
     ``bank`` (``trainingfree`` only): sample banks of unguided latents, ``{prompt: SampleBank}``
     (e.g. from :func:`tiltgen.eval.estimators.build_banks`), drawn with the settings of the calls
     they will guide.
@@ -57,16 +63,12 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
         raise TiltgenError(f"guide() does not support {name}; supported pipelines: {', '.join(FAMILIES)}")
     if method not in METHODS:
         raise TiltgenError(f"unknown method {method!r} for guide(); choose one of: {', '.join(METHODS)}")
-    if method == "smc":
-        if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
-            raise TiltgenError(f"method 'smc' needs particles=N, an integer >= 1 (got {particles!r})")
-    elif particles is not None:
-        raise TiltgenError(f"particles= is for method='smc' (with guidance=: twisted SMC), not {method!r}: the other "
-                           "methods run one guided trajectory per image")
-    if method == "smc" and variant is not None:
-        raise TiltgenError("variant= chooses a Tweedie or training-free estimator; method 'smc' does not use one")
-    if handoff and not (method == "smc" and guidance is not None):
-        raise TiltgenError("handoff=True hands a learned twist over to the plug-in: it needs method='smc' with guidance=")
+    _check_particle_options(method, particles, guidance=guidance, variant=variant, handoff=handoff, drift=drift,
+                            scale=scale, t_window=t_window, bank=bank)
+    if method == "bestofn" and beta is not None:
+        warnings.warn("guide(..., method='bestofn') keeps the highest reward: beta is ignored (use method='smc' to "
+                      "sample the tilt at a beta)", stacklevel=2)
+        beta = None
     if method != "learned" and reward is None:
         raise TiltgenError(f"method {method!r} needs a reward")
     if method == "learned" and guidance is None:
@@ -78,7 +80,41 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
 
         reward = reward_from_spec(reward)
     return GuidedPipeline(pipe, reward, method, beta, guidance, scale=scale, t_window=t_window, variant=variant,
-                          force=force, cache_dir=cache_dir, bank=bank, particles=particles, handoff=handoff)
+                          force=force, cache_dir=cache_dir, bank=bank, particles=particles, handoff=handoff,
+                          drift=drift)
+
+
+def _check_particle_options(method: str, particles: Any, **given: Any) -> None:
+    """Refuse, by name, what a particle method (or a non-particle one) cannot take."""
+    if method in PARTICLE_METHODS:
+        if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+            raise TiltgenError(f"method {method!r} needs particles=N, an integer >= 1 (got {particles!r})")
+    elif particles is not None:
+        raise TiltgenError(f"particles= is for method='smc' or 'bestofn', not {method!r}: the other methods run one "
+                           "guided trajectory per image")
+    if method == "bestofn":
+        named = [name for name, value in given.items() if value not in (None, False)]
+        if named:
+            raise TiltgenError(f"method 'bestofn' keeps the best of N unguided pipeline calls; it does not take "
+                               f"{', '.join(f'{name}=' for name in named)} (method='smc' with guidance= or drift= "
+                               "proposes with guidance)")
+    if given["drift"] is not None:
+        from .eval.particle_images import SMC_DRIFTS
+
+        check_choice("SMC drift", given["drift"], SMC_DRIFTS)
+    if given["drift"] is not None and (method != "smc" or given["guidance"] is not None):
+        raise TiltgenError("drift= is the proposal of method='smc' without guidance= (with guidance= the network "
+                           "proposes)")
+    if method == "smc" and given["variant"] is not None and given["drift"] is None:
+        raise TiltgenError("variant= chooses a Tweedie or training-free estimator; method 'smc' uses one only as its "
+                           "drift=")
+    if method == "smc" and given["guidance"] is None and given["drift"] is None and \
+            (given["scale"] is not None or given["t_window"] is not None):
+        raise TiltgenError("scale= and t_window= shape a guided proposal: plain method='smc' proposes with the base "
+                           "model (give guidance= for twisted SMC, or drift=)")
+    if given["handoff"] and not (method == "smc" and given["guidance"] is not None):
+        raise TiltgenError("handoff=True hands a learned twist over to the plug-in: it needs method='smc' with "
+                           "guidance=")
 
 
 class GuidedPipeline:
@@ -86,15 +122,16 @@ class GuidedPipeline:
 
     def __init__(self, pipe: Any, reward: Any, method: str, beta: float | None, guidance: Any, *,
                  scale: float | None, t_window: tuple[float, float] | None, variant: str | None, force: bool,
-                 cache_dir: str | None, bank: Any = None, particles: int | None = None, handoff: bool = False):
+                 cache_dir: str | None, bank: Any = None, particles: int | None = None, handoff: bool = False,
+                 drift: str | None = None):
         from .backends.diffusers.backend import DiffusersBackend
 
         self.pipe = pipe
         self.reward, self.method, self.beta, self.guidance = reward, method, beta, guidance
         self.options = {"scale": scale, "t_window": t_window, "variant": variant, "bank": bank}
         self.force, self.cache_dir = force, cache_dir
-        self.particles, self.handoff = particles, handoff
-        self.last_particles: list[dict[str, Any]] = []  # method="smc": each image's log Z, ESS trace, ...
+        self.particles, self.handoff, self.drift = particles, handoff, drift
+        self.last_particles: list[dict[str, Any]] = []  # smc: each image's log Z, ESS trace; bestofn: its pick
         # a view of the pipeline that changes nothing in it (no casting, no requires_grad, no eval)
         self.backend = DiffusersBackend(pipe, adopt=False)
         self.family = self.backend.family
@@ -119,9 +156,13 @@ class GuidedPipeline:
             raise TiltgenError("guide() does not support SD3's skip-layer guidance (skip_guidance_layers): its extra "
                                "denoiser calls are not the CFG pair tiltgen tilts")
         if self.method == "smc":
-            from .guiding_smc import smc_call
+            from .guiding_particles import smc_call
 
             return smc_call(self, call, extra)
+        if self.method == "bestofn":
+            from .guiding_particles import bestofn_call
+
+            return bestofn_call(self, call, extra)
         rows = self._prompt_rows(call)
         denoiser = self.backend.denoiser
         with self._wrapped(denoiser, self._make_hook(denoiser.forward, rows, call)):
@@ -229,16 +270,8 @@ class GuidedPipeline:
                 return out
 
             x_t = (latents[:n] if cfg else latents).float()
-            try:
+            with prompts_for_the_reward(rows):
                 guided = GuidedModel(_Prediction(combined, model.prediction), model.schedule, estimator)(x_t, t, cond)
-            except TiltgenError:
-                raise
-            except Exception as error:
-                if rows is None:
-                    raise TiltgenError(f"the reward failed without prompts ({type(error).__name__}: {error}); "
-                                       "call the pipeline with prompt=... rather than prompt_embeds, so tiltgen "
-                                       "can pass the prompts to the reward") from error
-                raise
             delta = model.to_native(guided.detach() - last["combined"], t)
             raw = last["raw"].float() + (torch.cat([delta, delta]) if cfg else delta)
             raw = raw.to(out_dtype)
@@ -275,6 +308,22 @@ class GuidedPipeline:
         from .backends.diffusers.backend import unpack_latents
 
         return unpack_latents(packed, *self._flux_size(call))
+
+
+@contextlib.contextmanager
+def prompts_for_the_reward(rows: list[str] | None) -> Iterator[None]:
+    """Where a call passed prompt embeddings instead of prompts (``rows`` None), a reward that fails
+    is reported as needing the prompts, not with its own stack trace."""
+    try:
+        yield
+    except TiltgenError:
+        raise
+    except Exception as error:
+        if rows is None:
+            raise TiltgenError(f"the reward failed without prompts ({type(error).__name__}: {error}); call the "
+                               "pipeline with prompt=... rather than prompt_embeds, so tiltgen can pass the prompts "
+                               "to the reward") from error
+        raise
 
 
 class _Prediction:

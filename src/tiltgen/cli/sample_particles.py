@@ -71,8 +71,7 @@ def particle_sampler(args: argparse.Namespace, model: Any, reward: Any, steps: i
 
 def _best_of(args: argparse.Namespace, model: Any, reward: Any, steps: int, sampler: str,
              encode: Callable[[list], Any], diagnostics: dict[str, dict[str, float]]) -> Sampler:
-    from ..core.reward import evaluate_reward
-    from ..eval.estimators import CANDIDATE_STRIDE
+    from ..eval.particle_images import best_candidates, candidate_seed
     from ..eval.sample_job import chunked
 
     big_n = args.particles
@@ -82,12 +81,10 @@ def _best_of(args: argparse.Namespace, model: Any, reward: Any, steps: int, samp
         images = []
         for part in chunked(pairs, args.batch_size):  # type: ignore[arg-type]
             cond = encode([item for item, _ in part])
-            seeds = [item.seed + k * CANDIDATE_STRIDE for item, k in part]
+            seeds = [candidate_seed(item.seed, k) for item, k in part]
             images.append(model.sample(cond, seeds=seeds, steps=steps, sampler=sampler, progress=False).images)
         candidates = torch.cat(images)
-        with torch.no_grad():
-            scores = evaluate_reward(reward, candidates, [str(item.prompt) for item, _ in pairs])
-        best = scores.reshape(len(chunk), big_n).argmax(1)
+        best = best_candidates(reward, candidates, [str(item.prompt) for item, _ in pairs], big_n)
         for item, k in zip(chunk, best.tolist()):
             diagnostics[item.file] = {"bestofn:candidate": float(k)}
         return candidates.reshape((len(chunk), big_n) + candidates.shape[1:])[torch.arange(len(chunk)), best]
@@ -97,42 +94,26 @@ def _best_of(args: argparse.Namespace, model: Any, reward: Any, steps: int, samp
 
 def _smc(args: argparse.Namespace, model: Any, reward: Any, steps: int, sampler: str,
          encode: Callable[[list], Any], diagnostics: dict[str, dict[str, float]]) -> Sampler:
-    from ..eval.estimators import DEFAULT_BETA, build_estimator
-    from ..tilt.particles import smc_sample
+    from ..eval.particle_images import smc_image, smc_proposal
 
-    estimator = None
-    t_window = tuple(args.t_window) if args.t_window else None
-    if args.guidance:  # twisted SMC: the network's log h_t twists, its guided drift proposes
-        estimator, args.beta = build_estimator(model, "learned", None, args.beta, guidance=args.guidance,
-                                               scale=args.scale, t_window=t_window,
-                                               force_guidance=args.force_guidance, cache_dir=args.cache_dir,
-                                               steps=steps)
-        args.scale = float(estimator.scale)
-    else:
-        args.beta = DEFAULT_BETA if args.beta is None else args.beta
-    if args.drift:  # the plug-in r(x0_hat)/beta twists, this guidance proposes
-        from ..eval.estimators import default_data_var, default_variant
-
-        args.variant = args.variant or ("plain" if args.drift == "tweedie" else default_variant(model))
-        if args.drift == "trainingfree" and args.data_var is None:
-            args.data_var = default_data_var(model)
-        estimator, _ = build_estimator(model, args.drift, reward, args.beta, scale=args.scale, t_window=t_window,
-                                       data_var=args.data_var, variant=args.variant, steps=steps)
-        args.scale = float(getattr(estimator, "scale", 1.0))
-    twisted = estimator is not None and args.guidance is not None
+    proposal = smc_proposal(model, reward, args.beta, guidance=args.guidance, drift=args.drift, scale=args.scale,
+                            t_window=tuple(args.t_window) if args.t_window else None, variant=args.variant,
+                            data_var=args.data_var, force_guidance=args.force_guidance, cache_dir=args.cache_dir,
+                            steps=steps)
+    args.beta, args.scale = proposal.beta, proposal.scale  # for the manifest: what was really sampled
+    if args.drift:
+        args.variant, args.data_var = proposal.variant, proposal.data_var
     latent_reward = model.latent_reward(reward)
     big_n = args.particles
 
     def sample(chunk: list) -> Tensor:
         images = []
         for item in chunk:
-            result = smc_sample(model, model.schedule, latent_reward, args.beta, n=1, particles=big_n,
-                                shape=model.latent_shape, cond=encode([item] * big_n), drift=estimator,
-                                twist=estimator.log_twist if twisted else None, handoff=args.handoff,
-                                sampler=sampler, steps=steps, seed=item.seed)
-            images.append(model.decode(result.samples))
-            diagnostics[item.file] = {"smc:log_z": float(result.log_z[0]), "smc:resamples": float(result.resamples),
-                                      "smc:min_ess_frac": min(result.ess) if result.ess else 1.0}
+            latents, found = smc_image(model, latent_reward, proposal, big_n, encode([item] * big_n), seed=item.seed,
+                                       steps=steps, handoff=args.handoff, sampler=sampler)
+            images.append(model.decode(latents))
+            diagnostics[item.file] = {"smc:log_z": found["log_z"], "smc:resamples": float(found["resamples"]),
+                                      "smc:min_ess_frac": found["min_ess_frac"]}
         return torch.cat(images)
 
     return sample
