@@ -396,3 +396,34 @@ def test_diffusion_context_free_text_encoder_gives_each_word_its_own_features(ca
         main(["--vae", "v", "--out", "o", "--init", "f", "--context-free-text"])
     assert exit_info.value.code == 2 and "--context-free-text" in capsys.readouterr().err
 
+
+
+def test_uniform_pairs_spread_the_teachers_captions_over_every_allowed_pairing():
+    """The one-step recipe's --uniform-pairs: the chosen scenes get (shape, colour) pairs drawn
+    uniformly over the allowed ones, held-out pairs never; other attributes and the rest stay."""
+    import collections
+
+    import numpy as np
+
+    from tiltgen.builtin.recipes.onestep import uniform_pairs
+    from tiltgen.world import HELD_OUT_PAIRS, WorldConfig
+    from tiltgen.world.scene import sample_scene
+
+    g = np.random.default_rng(0)
+    scenes = [sample_scene(g, WorldConfig(exclude_pairs=HELD_OUT_PAIRS)) for _ in range(3000)]
+    assert uniform_pairs(scenes, 0.0, 1) == scenes
+    redrawn = uniform_pairs(scenes, 1.0, 1)
+    assert uniform_pairs(scenes, 1.0, 1) == redrawn  # seeded
+    pairs = collections.Counter((s.shape, s.colour) for scene in redrawn for s in scene.shapes)
+    assert not set(HELD_OUT_PAIRS) & set(pairs) and len(pairs) == 31
+    assert max(pairs.values()) < 1.6 * min(pairs.values())  # the world's own draws: 14x apart
+    skewed = collections.Counter((s.shape, s.colour) for scene in scenes for s in scene.shapes)
+    assert max(skewed.values()) > 5 * min(skewed.values())
+    for before, after in zip(scenes, redrawn):
+        assert before.background == after.background
+        assert [(s.size, s.position) for s in before.shapes] == [(s.size, s.position) for s in after.shapes]
+    half = uniform_pairs(scenes, 0.5, 1)
+    changed = sum(a != b for a, b in zip(scenes, half)) / len(scenes)
+    assert 0.4 < changed < 0.55  # a redraw may repeat the pair it replaces
+    for caption in training_captions(half[:200], 0, 0):
+        parse_caption(caption)

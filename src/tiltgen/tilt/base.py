@@ -41,6 +41,23 @@ def per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).flatten(1).sum(1).reshape((a.shape[0],) + (1,) * (a.ndim - 1))
 
 
+def keep_noise_norm(x_t: Tensor, shifted: Tensor) -> Tensor:
+    """``shifted`` rescaled per sample to the norm of ``x_t`` [N, ...]: the direction of the tilted
+    noise, the radius of the base noise.
+
+    A noise tilt x_T + s is the exact tilt of N(0, sigma^2 I) only for a log-linear h; a first-order
+    shift by a large gradient also moves the noise off the sphere of radius ~ sigma sqrt(D) where
+    the generator was trained. A reward of bounded range R cannot do that: under the exact tilt
+    p* ∝ N(x_T) exp(r/beta) the log-density of radius rho + delta falls by about rho delta /
+    sigma^2, against at most R / beta gained. Keeping each sample's radius keeps the first-order
+    tilt's law of directions exactly and the base law of radii (docs/learned-guidance.md, "Keeping
+    the noise's norm")."""
+    dims = tuple(range(1, x_t.ndim))
+    radius = x_t.pow(2).sum(dims, keepdim=True).sqrt()
+    tilted = shifted.pow(2).sum(dims, keepdim=True).sqrt()
+    return shifted * (radius / tilted.clamp_min(torch.finfo(tilted.dtype).tiny))
+
+
 def check_window(window: tuple[float, float] | None) -> tuple[float, float] | None:
     if window is None:
         return None
@@ -90,6 +107,8 @@ class GuidedModel:
         else:
             shift = self.estimator.input_shift(x_t, t, cond)
         x_in = x_t + shift
+        if getattr(self.estimator, "keep_noise_norm", False):
+            x_in = keep_noise_norm(x_t, x_in)
         x0, _ = to_x0_eps(self.prediction, self.model(x_in, t, cond), x_in, c)
         return from_x0_eps(self.prediction, x0, (x_t - c.alpha * x0) / c.sigma, c)
 

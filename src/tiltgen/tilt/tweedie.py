@@ -56,7 +56,7 @@ class TweedieGuidance:
 
     def __init__(self, reward: Reward, beta: float, scale: float = 1.0,
                  t_window: tuple[float, float] | None = None, damping: bool = False,
-                 schedule: Schedule | None = None, noise_tilt: bool = False):
+                 schedule: Schedule | None = None, noise_tilt: bool = False, keep_noise_norm: bool = True):
         if (damping or noise_tilt) and schedule is None:
             raise TiltgenError("damped or noise-tilt Tweedie guidance needs the model's schedule (alpha, sigma of t)")
         if damping and noise_tilt:
@@ -64,6 +64,7 @@ class TweedieGuidance:
                                "generator's noise tilt has no posterior to damp: use one or the other")
         self.damping = bool(damping)
         self.noise_tilt = bool(noise_tilt)
+        self.keep_noise_norm = bool(keep_noise_norm)  # noise tilt: the tilted noise keeps its norm (tilt/base.py)
         self.schedule = schedule
         self.reward = as_reward(reward)
         if not self.reward.differentiable:

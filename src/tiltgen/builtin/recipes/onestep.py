@@ -30,10 +30,37 @@ from .latents import latent_channel_variance, training_captions
 from .pipelines import save_sd_pipeline, write_info
 
 
-def teacher_pairs(pipe: Any, n: int, steps: int, cfg: float, seed: int, chunk: int = 256) -> dict[str, Any]:
+def uniform_pairs(scenes: Sequence[Any], fraction: float, seed: int) -> list[Any]:
+    """``scenes`` with the (shape, colour) of every shape redrawn uniformly over the pairs the world
+    allows (held-out pairs stay excluded) in a seeded ``fraction`` of them: captions in which each
+    allowed pairing is as common as any other, instead of following the skewed marginal priors."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from ...world import HELD_OUT_PAIRS
+    from ...world.attributes import COLOUR_NAMES, SHAPES
+
+    allowed = [(s, c) for s in SHAPES for c in COLOUR_NAMES if (s, c) not in set(HELD_OUT_PAIRS)]
+    g = np.random.default_rng(np.random.SeedSequence([seed, 211]))
+    out = []
+    for scene in scenes:
+        picks = g.integers(len(allowed), size=len(scene.shapes))
+        if g.random() < fraction:
+            scene = replace(scene, shapes=tuple(replace(shape, shape=allowed[i][0], colour=allowed[i][1])
+                                                for shape, i in zip(scene.shapes, picks)))
+        out.append(scene)
+    return out
+
+
+def teacher_pairs(pipe: Any, n: int, steps: int, cfg: float, seed: int, chunk: int = 256,
+                  uniform: float = 0.0) -> dict[str, Any]:
     """{"noise": [n, 4, 8, 8], "latents": teacher endpoints (scaled), "prompts": [n]} for
-    training captions of world scenes (stream ``seed``), sampled by the teacher pipeline."""
+    training captions of world scenes (stream ``seed``; a ``uniform`` fraction with their shapes'
+    (shape, colour) redrawn uniformly, :func:`uniform_pairs`), sampled by the teacher pipeline."""
     scenes = world_bank(n, seed)["scenes"]
+    if uniform > 0:
+        scenes = uniform_pairs(scenes, uniform, seed)
     noise, latents, prompts = [], [], []
     for start in tqdm(range(0, n, chunk), desc="teacher samples", dynamic_ncols=True):
         part = training_captions(scenes[start:start + chunk], seed, start)
@@ -53,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--teacher", required=True, help="the SD-like pipeline folder (recipes.diffusion)")
     parser.add_argument("--pairs", type=int, default=16384, help="teacher (noise, latent) pairs")
     parser.add_argument("--teacher-steps", type=int, default=20)
+    parser.add_argument("--uniform-pairs", type=float, default=0.0,
+                        help="fraction of the teacher's captions whose shapes' (shape, colour) are drawn uniformly "
+                             "over the allowed pairs instead of from the world's skewed priors (default 0)")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     work = setup(args)
@@ -63,10 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     teacher.set_progress_bar_config(disable=True)
     cfg = float(read_info(folder).get("default_cfg", 3.0))
     tick = time.perf_counter()
-    pairs = cached("teacher-pairs", {"unet": weights_fingerprint(teacher.unet),
-                                     "text_encoder": weights_fingerprint(teacher.text_encoder),
-                                     "n": args.pairs, "steps": args.teacher_steps, "cfg": cfg, "seed": args.seed},
-                   lambda: teacher_pairs(teacher, args.pairs, args.teacher_steps, cfg, args.seed + 51))
+    if not 0.0 <= args.uniform_pairs <= 1.0:
+        parser.error(f"--uniform-pairs must be a fraction in [0, 1], got {args.uniform_pairs}")
+    key = {"unet": weights_fingerprint(teacher.unet), "text_encoder": weights_fingerprint(teacher.text_encoder),
+           "n": args.pairs, "steps": args.teacher_steps, "cfg": cfg, "seed": args.seed}
+    if args.uniform_pairs:  # left out at 0, so the pairs cached by earlier runs still match
+        key["uniform_pairs"] = args.uniform_pairs
+    pairs = cached("teacher-pairs", key, lambda: teacher_pairs(teacher, args.pairs, args.teacher_steps, cfg,
+                                                               args.seed + 51, uniform=args.uniform_pairs))
     teacher_wall = time.perf_counter() - tick
     tokenizer, text_encoder = teacher.tokenizer, teacher.text_encoder.requires_grad_(False)
     with torch.no_grad():

@@ -121,6 +121,8 @@ def calibrate_scale(model: Model, schedule: Schedule, reward: Reward, guidance: 
                            "or give prompts)")
     settings = {"config": asdict(config), "conditions": [repr(c) for c in conds], "beta": beta, "sampler": sampler,
                 "steps": steps, "spacing": spacing, "shape": list(shape)}
+    if guidance.tilts_input:  # a noise tilt samples differently with and without keeping the noise's norm
+        settings["keep_noise_norm"] = bool(guidance.keep_noise_norm)
     path = Path(state_path) if state_path is not None else None
     state = _load_state(path, _key(settings)) or {"key": _key(settings), "passes": {}}
 
@@ -165,6 +167,7 @@ def calibrate_scale(model: Model, schedule: Schedule, reward: Reward, guidance: 
             "share_at_scale_1": ((dict(tried)[1.0] - base) / gap if gap > 0 and 1.0 in dict(tried) else None),
             "tried": [{"scale": s, "reward": m} for s, m in tried], "ess": float(ess.mean()), "n": config.n,
             "conditions": [repr(c) for c in conds], "sampler": sampler, "steps": steps,
+            **({"keep_noise_norm": settings["keep_noise_norm"]} if "keep_noise_norm" in settings else {}),
             "model_evals": int(sum(p["model_evals"] for p in passes)),
             "reward_evals": int(sum(len(p["reward"]) for p in passes)),
             "wall_s": float(sum(p["wall_s"] for p in passes))}

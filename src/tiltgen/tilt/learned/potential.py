@@ -88,8 +88,10 @@ class LearnedGuidance:
     needs_model_grad = False
 
     def __init__(self, potential: GuidancePotential, cond_encoder: CondEncoder | None = None, scale: float = 1.0,
-                 t_window: tuple[float, float] | None = None):
+                 t_window: tuple[float, float] | None = None, keep_noise_norm: bool = True):
         self.potential = potential.eval()
+        # noise tilt: the tilted noise keeps the base noise's norm (tilt/base.py, keep_noise_norm)
+        self.keep_noise_norm = bool(keep_noise_norm)
         self.cond_encoder = cond_encoder
         self.scale = float(scale)
         self.t_window = check_window(t_window)
