@@ -224,9 +224,16 @@ def test_sample_command_with_learned_guidance_on_a_builtin(tmp_path):
                 "--method", "learned", "--guidance", "builtin:guidance-onestep-proxy",
                 "--eval-reward", "world-gold,world-fidelity,world-binary", "--n", "2", "--out", str(out)]) == 0
     record = json.loads((out / "sample.json").read_text())
-    assert record["steps"] == 1 and len(record["samples"]) == 4
+    assert record["steps"] == 1 and len(record["samples"]) == 4 and record["noise_norm"] == "keep"
     assert set(record["samples"][0]["terms"]) == {"eval:world-gold", "eval:world-fidelity", "eval:world-binary"}
     assert len(list((out / "images").glob("*.png"))) == 4
+    free = tmp_path / "free"  # the shifted noise as it is: other images, recorded as such
+    assert cli(["sample", "--model", "builtin:world-onestep", "--prompt", "a red shape", "--prompt", "two shapes",
+                "--method", "learned", "--guidance", "builtin:guidance-onestep-proxy", "--noise-norm", "free",
+                "--n", "2", "--out", str(free)]) == 0
+    assert json.loads((free / "sample.json").read_text())["noise_norm"] == "free"
+    kept, freed = ([p.read_bytes() for p in sorted((d / "images").glob("*.png"))] for d in (out, free))
+    assert len(kept) == len(freed) == 4 and kept != freed
 
 
 @pytest.mark.slow

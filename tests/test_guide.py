@@ -348,3 +348,22 @@ def test_particle_methods_refuse_what_they_cannot_take():
     with pytest.raises(TiltgenError, match="call the pipeline with prompt=..."):
         needs_prompts(prompt_embeds=embeds, negative_prompt_embeds=negative, height=SIZE, width=SIZE,
                       num_inference_steps=2)
+
+
+def test_one_step_noise_tilt_keeps_the_noise_norm_unless_told_not_to():
+    """guide(..., keep_noise_norm=...) reaches the noise tilt as build_estimator's option does."""
+    build, kwargs, steps, scale = CASES["sdxl-turbo-1step"]
+    pipe = loaded(build, **kwargs)
+    model = DiffusersBackend(loaded(build, **kwargs)).at(SIZE, SIZE, guidance_scale=scale)
+    cond = model.encode(PROMPTS)
+    latents = {}
+    for keep in (True, False):
+        guided = tiltgen.guide(pipe, reward="brightness", method="tweedie", beta=0.01, keep_noise_norm=keep)
+        ours = pipeline_latents(pipe, guided, steps, scale)
+        estimator, _ = build_estimator(model, "tweedie", get_reward("brightness"), 0.01, steps=1,
+                                       keep_noise_norm=keep)
+        assert estimator.keep_noise_norm == keep
+        ref = model.sample(cond, seeds=SEEDS, steps=1, guidance=estimator, decode=False).latents
+        assert close(ours, ref), f"keep={keep}: max |diff| {float((ours - ref).abs().max())}"
+        latents[keep] = ours
+    assert not close(latents[True], latents[False])

@@ -35,7 +35,7 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
           guidance: Any = None, particles: int | None = None, *, scale: float | None = None,
           t_window: tuple[float, float] | None = None, variant: str | None = None, force: bool = False,
           cache_dir: str | None = None, bank: Any = None, handoff: bool = False,
-          drift: str | None = None) -> "GuidedPipeline":
+          drift: str | None = None, keep_noise_norm: bool = True) -> "GuidedPipeline":
     """A callable with ``pipe``'s own call signature and output that samples p* ∝ p·exp(r/β).
 
     ``pipe``: a loaded ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
@@ -54,7 +54,8 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
     highest-reward candidate kept (``last_particles`` names it); ``beta`` plays no part.
     ``bank`` (``trainingfree`` only): sample banks of unguided latents, ``{prompt: SampleBank}``
     (e.g. from :func:`tiltgen.eval.estimators.build_banks`), drawn with the settings of the calls
-    they will guide.
+    they will guide. ``keep_noise_norm``: a call with one step tilts the input noise, keeping its
+    norm unless False (:func:`tiltgen.tilt.base.keep_noise_norm`).
     """
     from .backends.diffusers.backend import FAMILIES
 
@@ -80,6 +81,7 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
 
         reward = reward_from_spec(reward)
     return GuidedPipeline(pipe, reward, method, beta, guidance, scale=scale, t_window=t_window, variant=variant,
+                          keep_noise_norm=keep_noise_norm,
                           force=force, cache_dir=cache_dir, bank=bank, particles=particles, handoff=handoff,
                           drift=drift)
 
@@ -123,12 +125,13 @@ class GuidedPipeline:
     def __init__(self, pipe: Any, reward: Any, method: str, beta: float | None, guidance: Any, *,
                  scale: float | None, t_window: tuple[float, float] | None, variant: str | None, force: bool,
                  cache_dir: str | None, bank: Any = None, particles: int | None = None, handoff: bool = False,
-                 drift: str | None = None):
+                 drift: str | None = None, keep_noise_norm: bool = True):
         from .backends.diffusers.backend import DiffusersBackend
 
         self.pipe = pipe
         self.reward, self.method, self.beta, self.guidance = reward, method, beta, guidance
-        self.options = {"scale": scale, "t_window": t_window, "variant": variant, "bank": bank}
+        self.options = {"scale": scale, "t_window": t_window, "variant": variant, "bank": bank,
+                        "keep_noise_norm": keep_noise_norm}
         self.force, self.cache_dir = force, cache_dir
         self.particles, self.handoff, self.drift = particles, handoff, drift
         self.last_particles: list[dict[str, Any]] = []  # smc: each image's log Z, ESS trace; bestofn: its pick

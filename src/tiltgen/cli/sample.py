@@ -88,6 +88,9 @@ def add_sample_parser(commands: argparse._SubParsersAction) -> None:
                    help="--method trainingfree: bounded, linear, newton or snis (default: the model's tiltgen.json "
                         "'trainingfree_variant', else bounded); --method tweedie: plain (default) or damped "
                         "(the plug-in damped by the reward's curvature over the posterior spread)")
+    p.add_argument("--noise-norm", choices=("keep", "free"), default="keep",
+                   help="one-step sampling (a noise tilt): keep each tilted noise's norm (default; "
+                        "docs/learned-guidance.md, 'Keeping the noise's norm') or take the shifted noise as it is")
     p.add_argument("--steps", type=int, default=None,
                    help="sampler steps (default: the model's own from its tiltgen.json (one-step: 1); else 30)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (FLUX: embedded guidance)")
@@ -182,7 +185,7 @@ def _estimator(args: argparse.Namespace, model: Any, reward: Any, bank: Any = No
                                            scale=args.scale, t_window=tuple(args.t_window) if args.t_window else None,
                                            data_var=args.data_var, variant=args.variant, seed=args.seed,
                                            force_guidance=args.force_guidance, cache_dir=args.cache_dir, bank=bank,
-                                           steps=args.steps)
+                                           steps=args.steps, keep_noise_norm=args.noise_norm == "keep")
     if args.method != "unguided":
         args.scale = float(getattr(estimator, "scale", 1.0 if args.scale is None else args.scale))
     if args.method == "trainingfree" and args.data_var is None:  # the model folder's, else 1
@@ -247,7 +250,7 @@ def score_images(reward: Any, held_out: dict[str, Any], images: Any, prompts: li
 
 # settings that change the images or their scores; a rerun into the same --out must match them
 JOB_KEYS = ("model", "method", "reward", "eval_reward", "beta", "scale", "t_window", "guidance", "data_var", "variant",
-            "bank", "particles", "drift", "handoff", "steps", "cfg", "true_cfg", "sampler", "height", "width", "n", "seed",
+            "bank", "particles", "drift", "handoff", "noise_norm", "steps", "cfg", "true_cfg", "sampler", "height", "width", "n", "seed",
             "dtype", "negative_prompt", "max_sequence_length")
 
 
@@ -377,6 +380,7 @@ def _sample_diffusers(args: argparse.Namespace, rows: list[PromptRow], config: d
         "method": args.method, "reward": args.reward, "beta": args.beta, "scale": args.scale,
         "t_window": args.t_window, "guidance": args.guidance, "variant": args.variant, "bank": args.bank,
         "particles": args.particles, "drift": args.drift, "handoff": args.handoff,
+        "noise_norm": args.noise_norm if steps == 1 else None,
         "seed": args.seed,
         "eval_reward": args.eval_reward, "n_per_prompt": args.n, "device": processes.device,
         "processes": processes.world_size, "batch_size": args.batch_size, "wall_s": wall,

@@ -21,8 +21,8 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
                     scale: float | None = None, t_window: tuple[float, float] | None = None,
                     data_var: float | Sequence[float] | None = None,
                     variant: str | None = None, seed: int = 0, force_guidance: bool = False,
-                    cache_dir: str | None = None, bank: Any = None, steps: int | None = None
-                    ) -> tuple[Any, float | None]:
+                    cache_dir: str | None = None, bank: Any = None, steps: int | None = None,
+                    keep_noise_norm: bool = True) -> tuple[Any, float | None]:
     """(estimator or None for ``unguided``, the beta it tilts at) for ``model`` (a diffusers
     LatentModel). ``learned`` loads ``guidance`` (a folder or ``builtin:<name>``), refuses a
     network trained for another base model and tilts at the network's own beta: a different
@@ -39,7 +39,8 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     deterministic map of its input noise: ``tweedie`` then tilts that noise (the noise tilt,
     tilt/tweedie.py), ``trainingfree`` and a network trained without noise_tilt are refused (their
     x0 shift would edit the output, not tilt the generator), and so is a noise-tilt network sampled
-    in more than one step."""
+    in more than one step. A noise tilt keeps the noise's norm unless ``keep_noise_norm`` is False
+    (tilt/base.py, :func:`~tiltgen.tilt.base.keep_noise_norm`)."""
     steps = steps if steps is not None else _default_steps(model)
     single_step = steps == 1
     if bank is not None and method != "trainingfree":
@@ -48,6 +49,7 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
         return None, beta
     if method == "learned":
         estimator, beta = _learned(model, guidance, beta, scale, t_window, force_guidance, cache_dir)
+        estimator.keep_noise_norm = bool(keep_noise_norm)
         tilts_input = bool(getattr(estimator, "tilts_input", False))
         if tilts_input and steps is not None and not single_step:
             raise TiltgenError(f"the guidance network {guidance} tilts a one-step generator's input noise (it was "
@@ -71,7 +73,8 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
         if variant not in (None, "plain", "damped"):
             raise TiltgenError(f"--method tweedie takes --variant plain or damped, not {variant!r}")
         return TweedieGuidance(latent_reward, beta, scale=1.0 if scale is None else scale, t_window=t_window,
-                               damping=variant == "damped", schedule=model.schedule, noise_tilt=single_step), beta
+                               damping=variant == "damped", schedule=model.schedule, noise_tilt=single_step,
+                               keep_noise_norm=keep_noise_norm), beta
     if single_step:
         raise TiltgenError("--method trainingfree shifts x0_hat along the reward gradient without differentiating "
                            "the model; sampled in a single step, that shift would land on the output image as an "
