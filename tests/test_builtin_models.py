@@ -247,3 +247,21 @@ def test_base_models_keep_fidelity_on_held_out_combinations(name):
     images, prompts = sample_held_out(builtin_path(name), images_per_prompt=16, seed=0)
     per_attribute = attribute_fidelity(images, prompts)["per_attribute"]
     assert min(per_attribute.values()) >= 0.85, per_attribute
+
+
+def test_a_noise_tilt_network_warns_when_sampled_with_the_other_noise_norm_than_calibrated():
+    import warnings
+
+    from tiltgen.backends.diffusers import DiffusersBackend
+    from tiltgen.eval.estimators import build_estimator
+
+    model = DiffusersBackend.from_pretrained("builtin:world-onestep").at()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibrated keeping the norm, sampled so: silent
+        assert build_estimator(model, "learned", None, None, guidance="builtin:guidance-onestep-proxy")[0].keep_noise_norm
+    with pytest.warns(UserWarning, match="calibrated keeping the noise's norm .* samples with the free noise shift"):
+        build_estimator(model, "learned", None, None, guidance="builtin:guidance-onestep-proxy", keep_noise_norm=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit scale is the user's own
+        build_estimator(model, "learned", None, None, guidance="builtin:guidance-onestep-proxy", scale=2.0,
+                        keep_noise_norm=False)

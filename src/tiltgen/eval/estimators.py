@@ -3,6 +3,7 @@ and ``tiltgen demo`` (diffusers pipelines and built-in models alike)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, Iterator, Sequence
 
@@ -50,6 +51,7 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
     if method == "learned":
         estimator, beta = _learned(model, guidance, beta, scale, t_window, force_guidance, cache_dir)
         estimator.keep_noise_norm = bool(keep_noise_norm)
+        _check_calibrated_noise_norm(estimator, guidance, scale)
         tilts_input = bool(getattr(estimator, "tilts_input", False))
         if tilts_input and steps is not None and not single_step:
             raise TiltgenError(f"the guidance network {guidance} tilts a one-step generator's input noise (it was "
@@ -90,6 +92,20 @@ def build_estimator(model: Any, method: str, reward: Any, beta: float | None, *,
                                 variant=variant,
                                 scale=1.0 if scale is None else scale,
                                 t_window=t_window, seed=seed, bank=bank), beta
+
+
+def _check_calibrated_noise_norm(estimator: Any, guidance: Any, scale: float | None) -> None:
+    """Warn when a noise-tilt network samples at a calibrated scale picked with the other noise-norm
+    setting (calibrations before the norm was kept have none recorded: the free shift)."""
+    calibration = estimator.record.get("calibration") or {}
+    if scale is not None or not calibration or not estimator.tilts_input:
+        return
+    calibrated = bool(calibration.get("keep_noise_norm", False))
+    if calibrated != estimator.keep_noise_norm:
+        how = {True: "keeping the noise's norm", False: "with the free noise shift"}
+        warnings.warn(f"the guidance network {guidance} was calibrated {how[calibrated]} (scale "
+                      f"{calibration.get('scale')}) but samples {how[estimator.keep_noise_norm]}: rerun "
+                      "`tiltgen calibrate-guidance`, or pass --scale", stacklevel=3)
 
 
 def _default_steps(model: Any) -> int | None:
