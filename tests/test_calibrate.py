@@ -41,6 +41,18 @@ def test_choose_scale_interpolates_and_falls_back_to_the_best_grid_point():
     assert choose_scale([1, 2, 4], [0.1, 0.3, 0.2], base=0.0, target=1.0) == 2
 
 
+def test_keep_scale_steps_down_to_the_largest_scale_that_keeps_the_second_reward():
+    means = {0.0: 0.80, 1.0: 0.79, 2.0: 0.77, 4.0: 0.74, 8.0: 0.70}
+    scale, record = calibrate_module.keep_scale(8.0, means, max_drop=0.05)
+    assert scale == 2.0 and record["met"] and record["chosen_by_reward"] == 8.0 and record["base"] == 0.80
+    assert calibrate_module.keep_scale(8.0, means, max_drop=0.2)[0] == 8.0  # nothing to step down
+    assert calibrate_module.keep_scale(1.0, means, max_drop=0.2)[0] == 1.0  # never above the reward's choice
+    # the reward chose between grid points: that scale itself counts when it keeps the second reward
+    assert calibrate_module.keep_scale(2.8, {**means, 2.8: 0.76}, max_drop=0.05)[0] == 2.8
+    scale, record = calibrate_module.keep_scale(8.0, means, max_drop=0.0)
+    assert scale == 1.0 and not record["met"]  # none keeps it: the smallest scale tried, flagged
+
+
 def test_bad_calibration_settings_are_refused():
     for bad in (dict(n=1), dict(max_conditions=0), dict(scales=()), dict(scales=(2.0, 1.0)), dict(scales=(0.0, 1.0)),
                 dict(scales=(1.0, math.inf))):
@@ -57,10 +69,10 @@ def _ring_guidance(steps: int):
     return model, family.schedule, result.guidance
 
 
-def _calibrate(model, schedule, guidance, state_path=None, scales=(1.0, 2.0, 4.0, 8.0)):
+def _calibrate(model, schedule, guidance, state_path=None, scales=(1.0, 2.0, 4.0, 8.0), **keep):
     return calibrate_scale(model, schedule, RING.reward, guidance, beta=2.0, conditions=[None], shape=(2,),
                            sampler="heun", steps=12, config=CalibrationConfig(n=2000, scales=scales),
-                           dtype=torch.float64, state_path=state_path, progress=False)
+                           dtype=torch.float64, state_path=state_path, progress=False, **keep)
 
 
 def test_calibration_targets_the_exact_tilt_and_scales_up_a_weak_network(tmp_path, monkeypatch):
@@ -86,6 +98,17 @@ def test_calibration_targets_the_exact_tilt_and_scales_up_a_weak_network(tmp_pat
     assert again["scale"] == record["scale"] and again["reward"] == record["reward"]
     with pytest.raises(AssertionError):  # other settings: the state file does not apply
         _calibrate(model, schedule, weak, state_path=state, scales=(1.0, 3.0))
+    monkeypatch.undo()
+
+    def closeness(x0, cond=None):  # a second reward the tilt along x lowers: stay near the y axis
+        return -x0[:, 0].abs()
+
+    kept = _calibrate(model, schedule, weak, keep=closeness, max_drop=0.5)
+    means = {t["scale"]: t["mean"] for t in kept["keep"]["tried"]}
+    assert kept["keep"]["chosen_by_reward"] == record["scale"] and kept["scale"] <= record["scale"]
+    assert kept["keep"]["base"] - means[kept["scale"]] <= 0.5 < kept["keep"]["base"] - means[max(means)]
+    with pytest.raises(TiltgenError, match="max_drop"):
+        _calibrate(model, schedule, weak, keep=closeness, max_drop=-1.0)
 
 
 @pytest.fixture()
@@ -114,6 +137,21 @@ def test_cli_records_the_scale_and_sampling_uses_it(onestep_guidance, tmp_path, 
         assert main(sample + ([] if scale is None else ["--scale", scale])) == 0
         assert json.loads((out / "sample.json").read_text())["scale"] == pytest.approx(expected)
     capsys.readouterr()
+
+
+def test_cli_keeps_a_second_reward(onestep_guidance, capsys):
+    args = ["calibrate-guidance", "--guidance", str(onestep_guidance), "--model", "builtin:world-onestep",
+            "--reward", "world-proxy", "--n", "4", "--max-prompts", "2", "--scales", "1,2", "--no-progress",
+            "--keep", "world-fidelity", "--max-drop", "0"]
+    assert main(args) == 0
+    record = json.loads((onestep_guidance / "guidance.json").read_text())["calibration"]
+    keep = record["keep"]
+    assert keep["reward"] == "world-fidelity" and keep["max_drop"] == 0 and [t["scale"] for t in keep["tried"]][:2] == [1, 2]
+    means = {t["scale"]: t["mean"] for t in keep["tried"]}
+    assert record["scale"] in means and (keep["base"] - means[record["scale"]] <= 0 or not keep["met"])
+    out = capsys.readouterr()
+    assert "world-fidelity: unguided" in out.out
+    assert keep["met"] or "no scale tried keeps world-fidelity" in out.err
 
 
 def test_cli_refuses_another_reward_resolution_or_a_network_without_held_out_prompts(onestep_guidance, capsys):

@@ -8,6 +8,7 @@ import argparse
 import ast
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ def add_calibrate_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", help="Hugging Face cache (default: HF_HUB_CACHE)")
+    p.add_argument("--keep", metavar="REWARD",
+                   help="a reward to keep (prompt fidelity, say, e.g. world-fidelity): the scale is lowered to the "
+                        "largest tried one whose mean of it falls by at most --max-drop below the unguided samples'")
+    p.add_argument("--max-drop", type=float, default=0.05, help="with --keep: the largest fall allowed (default 0.05)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_calibrate)
 
@@ -93,11 +98,19 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise TiltgenError(f"the guidance network in {folder} shifts x0 (trained without --noise-tilt) on one-step "
                            "samples; one-step sampling refuses such a network (its shift would only edit the output "
                            "image), so it has no one-step scale to calibrate: train it with --noise-tilt")
+    keep = None
+    if args.keep:
+        from ..rewards import reward_from_spec
+
+        keep = model.latent_reward(reward_from_spec(args.keep))
     state = folder / ".calibration-state.json"
     result = calibrate_scale(model, model.schedule, reward, guidance, beta=float(record["beta"]), conditions=prompts,
                              shape=model.latent_shape, sampler=train.get("sampler", "ddim"), steps=steps,
                              spacing=train.get("spacing", "uniform"), config=config, state_path=state,
-                             progress=not args.no_progress, log=print)
+                             progress=not args.no_progress, log=print, keep=keep, max_drop=args.max_drop)
+    if keep is not None and not result["keep"]["met"]:
+        print(f"tiltgen: warning: no scale tried keeps {args.keep} within {args.max_drop:g} of the unguided "
+              f"samples; recorded the smallest, {result['scale']:g}", file=sys.stderr)
     record["calibration"] = result
     _write_record(record_path, record)
     state.unlink(missing_ok=True)

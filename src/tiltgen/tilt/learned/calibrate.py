@@ -13,7 +13,8 @@ Calibration samples the held-out prompts without guidance and with guidance at a
 mean reward reaches that target: interpolated in log-scale between the two grid points around
 it, or the grid point with the highest reward when none reaches it. The picked scale is then
 sampled once more and its reward and share of the exact gain are recorded. Only reward values
-of the reward the network was trained for are used: no evaluation prompt, no other reward.
+of the reward the network was trained for are used (no evaluation prompt), and, when asked, those
+of a reward to keep: a scale that lowers it by more than ``max_drop`` is stepped down.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ...core.model import Model
-from ...core.reward import Reward
+from ...core.reward import Reward, evaluate_reward, reward_name
 from ...core.schedules import Schedule
 from ...errors import TiltgenError, check_beta
 from ..base import GuidedModel
@@ -84,6 +85,34 @@ def choose_scale(scales: Sequence[float], rewards: Sequence[float], base: float,
     return max(zip(scales, rewards), key=lambda sr: sr[1])[0]
 
 
+def keep_scale(chosen: float, means: dict[float, float], max_drop: float) -> tuple[float, dict]:
+    """The largest scale <= ``chosen`` among ``means`` (keep-reward mean per scale; 0.0 = unguided)
+    whose mean is at most ``max_drop`` below the unguided one, and the record of that choice
+    (the smallest guided scale, with ``met`` False, when none is)."""
+    base = means[0.0]
+    guided = sorted(s for s in means if s > 0)
+    allowed = [s for s in guided if s <= chosen and base - means[s] <= max_drop]
+    met = bool(allowed)
+    scale = max(allowed) if met else guided[0]
+    return scale, {"max_drop": max_drop, "base": base, "met": met, "chosen_by_reward": chosen,
+                   "tried": [{"scale": s, "mean": means[s]} for s in guided]}
+
+
+def _rewards_by_condition(reward: Reward, x0: Tensor, prompt: Tensor, conds: Sequence[Any]) -> list[float]:
+    """``reward`` of each sample [N] with its own condition (samples grouped by ``prompt`` index)."""
+    values = torch.empty(len(prompt), dtype=torch.float64)
+    with torch.no_grad():
+        for k in torch.unique(prompt):
+            rows = prompt == k
+            values[rows] = evaluate_reward(reward, x0[rows], conds[int(k)]).to(torch.float64).cpu()
+    return values.tolist()
+
+
+def _condition_mean(values: Sequence[float], prompt: Sequence[int]) -> float:
+    v, p = torch.tensor(values, dtype=torch.float64), torch.tensor(prompt)
+    return float(torch.stack([v[p == k].mean() for k in torch.unique(p)]).mean())
+
+
 def _key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -107,14 +136,20 @@ def calibrate_scale(model: Model, schedule: Schedule, reward: Reward, guidance: 
                     conditions: Sequence[Any], shape: Sequence[int], sampler: str, steps: int,
                     spacing: str = "uniform", config: CalibrationConfig = CalibrationConfig(),
                     dtype: torch.dtype = torch.float32, state_path: str | Path | None = None,
-                    progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+                    progress: bool = True, log: Callable[[str], None] | None = None,
+                    keep: Reward | None = None, max_drop: float = 0.05) -> dict:
     """Pick ``guidance``'s scale on ``conditions`` (held-out prompts) and return the record.
 
     Samples like the training data (``sampler``, ``steps``, ``spacing``). ``state_path``: a
     file keeping each finished pass, so an interrupted calibration continues where it stopped.
-    The guidance's own ``scale`` is left as it was.
+    The guidance's own ``scale`` is left as it was. ``keep``: a second reward (prompt fidelity,
+    say) whose mean over the same samples may fall by at most ``max_drop`` below the unguided
+    one: the scale is then the one chosen by ``reward`` or the largest tried scale below it that
+    keeps ``keep`` (the smallest scale tried, flagged, when none does); see :func:`keep_scale`.
     """
     check_beta(beta)
+    if keep is not None and not (math.isfinite(max_drop) and max_drop >= 0):
+        raise TiltgenError(f"max_drop must be a finite number >= 0, got {max_drop}")
     conds = list(conditions)[: config.max_conditions]
     if not conds:
         raise TiltgenError("calibration needs at least one held-out condition (train with val_fraction > 0, "
@@ -123,6 +158,8 @@ def calibrate_scale(model: Model, schedule: Schedule, reward: Reward, guidance: 
                 "steps": steps, "spacing": spacing, "shape": list(shape)}
     if guidance.tilts_input:  # a noise tilt samples differently with and without keeping the noise's norm
         settings["keep_noise_norm"] = bool(guidance.keep_noise_norm)
+    if keep is not None:
+        settings["keep"] = reward_name(keep)
     path = Path(state_path) if state_path is not None else None
     state = _load_state(path, _key(settings)) or {"key": _key(settings), "passes": {}}
 
@@ -140,6 +177,8 @@ def calibrate_scale(model: Model, schedule: Schedule, reward: Reward, guidance: 
                 guidance.scale = old
             state["passes"][name] = {"reward": data.reward.tolist(), "prompt": data.prompt.tolist(),
                                      "model_evals": data.model_evals, "wall_s": time.perf_counter() - tick}
+            if keep is not None:
+                state["passes"][name]["keep"] = _rewards_by_condition(keep, data.x0, data.prompt, conds)
             _save_state(path, state)
         p = state["passes"][name]
         r, prompt = torch.tensor(p["reward"], dtype=torch.float64), torch.tensor(p["prompt"])
@@ -158,6 +197,15 @@ def calibrate_scale(model: Model, schedule: Schedule, reward: Reward, guidance: 
         if tried[-1][1] >= target or (len(tried) > 1 and tried[-1][1] < tried[-2][1]):
             break  # reached the target, or past the peak
     chosen = choose_scale([s for s, _ in tried], [m for _, m in tried], base, target) if tried else 1.0
+    kept = None
+    if keep is not None:
+        mean_reward(chosen)  # its keep-reward, when the choice fell between grid points
+        means = {float(k): _condition_mean(p["keep"], p["prompt"]) for k, p in state["passes"].items()}
+        chosen, kept = keep_scale(chosen, means, max_drop)
+        kept["reward"] = reward_name(keep)
+        if log is not None:
+            log(f"{kept['reward']}: unguided {kept['base']:.4f}; " + ", ".join(
+                f"scale {t['scale']:g} {t['mean']:.4f}" for t in kept["tried"]) + f"; kept at scale {chosen:g}")
     achieved = dict(tried).get(chosen)
     if achieved is None:
         achieved = mean_reward(chosen)[0]
@@ -168,6 +216,7 @@ def calibrate_scale(model: Model, schedule: Schedule, reward: Reward, guidance: 
             "tried": [{"scale": s, "reward": m} for s, m in tried], "ess": float(ess.mean()), "n": config.n,
             "conditions": [repr(c) for c in conds], "sampler": sampler, "steps": steps,
             **({"keep_noise_norm": settings["keep_noise_norm"]} if "keep_noise_norm" in settings else {}),
+            **({"keep": kept} if kept is not None else {}),
             "model_evals": int(sum(p["model_evals"] for p in passes)),
             "reward_evals": int(sum(len(p["reward"]) for p in passes)),
             "wall_s": float(sum(p["wall_s"] for p in passes))}
