@@ -87,10 +87,11 @@ def candidate_seed(seed: int, k: int) -> int:
     return seed + k * CANDIDATE_STRIDE
 
 
-def best_candidates(reward: Any, images: Tensor, prompts: list[str] | None, particles: int) -> Tensor:
+def best_candidates(reward: Any, images: Tensor, prompts: Any, particles: int) -> Tensor:
     """Best-of-N: the winning candidate [M] of each of M images, from ``images`` [M * particles, ...]
     in [0, 1] laid out image-major (image 0's candidates 0..N-1, then image 1's, ...), scored by
-    ``reward`` with their ``prompts`` (checked: shape [M * N], finite). Of equal rewards the first wins."""
+    ``reward`` with their ``prompts`` (the reward's condition: one per row, or one for all; checked:
+    shape [M * N], finite). Of equal rewards the first wins."""
     from ..core.reward import evaluate_reward
 
     with torch.no_grad():

@@ -29,7 +29,7 @@ from ..core.compute import measure
 from ..core.files import atomic_write, write_json
 from ..errors import TiltgenError
 from .oracle import attribute_tv, fraction_of_exact_gain, tilted_statistics, weighted_histograms
-from .estimators import CANDIDATE_STRIDE
+from .particle_images import best_candidates, candidate_seed
 from .world_demo import BINARY_REWARD, DEFAULT_BETA, GOLD_REWARD, GUIDANCE, MODELS, TARGET_REWARD
 from .world_report import diversity
 
@@ -339,11 +339,10 @@ def sampling_stage(cache: StageCache, judges: Judges, name: str, model_path: str
                     smc_trace.append({"ess": res.ess, "log_z": [float(v) for v in res.log_z]})
                 return model.decode(res.samples)
             if method == "bestofn":
-                seeds = [s + j * CANDIDATE_STRIDE for s in _seeds(k, offset) for j in range(particles)]
+                seeds = [candidate_seed(s, j) for s in _seeds(k, offset) for j in range(particles)]
                 cond = model.encode([prompt] * len(seeds))
                 images = model.sample(cond, seeds=seeds, steps=steps, model=counter).images
-                with torch.no_grad():
-                    pick = judges.proxy(images, prompt).reshape(k, particles).argmax(1)
+                pick = best_candidates(judges.proxy, images, prompt, particles)
                 return images[pick + torch.arange(k) * particles]
             cond = model.encode([prompt] * k)
             return model.sample(cond, seeds=_seeds(k, offset), steps=steps, model=wrapped).images

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from ..core.model import CountingModel
 from ..errors import TiltgenError
 from ..tilt.base import GuidedModel
-from .estimators import CANDIDATE_STRIDE, build_banks, build_estimator, default_data_var, default_variant
+from .estimators import build_banks, build_estimator, default_data_var, default_variant
+from .particle_images import best_candidates, candidate_seed
 
 TARGET_REWARD = "world-proxy"
 GOLD_REWARD = "world-gold"
@@ -206,12 +207,10 @@ def _best_of_runner(model: Any, settings: DemoSettings, reward: Any, best_of: in
     def run(block: Sequence[str]) -> Tensor:
         prompts = [p for p in block for _ in range(settings.n)]
         cond = conds[tuple(block)]
-        seeds = [s + k * CANDIDATE_STRIDE for s in _seeds(settings, block) for k in range(best_of)]
+        seeds = [candidate_seed(s, k) for s in _seeds(settings, block) for k in range(best_of)]
         counter.calls = counter.sample_evals = 0
         images = model.sample(cond, seeds=seeds, steps=steps, model=counter).images
-        with torch.no_grad():
-            scores = reward(images, cond).reshape(len(prompts), best_of)
-        pick = scores.argmax(1) + torch.arange(len(prompts)) * best_of
+        pick = best_candidates(reward, images, cond, best_of) + torch.arange(len(prompts)) * best_of
         return images[pick]
 
     return run, counter

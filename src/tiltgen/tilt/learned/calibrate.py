@@ -108,8 +108,9 @@ def _rewards_by_condition(reward: Reward, x0: Tensor, prompt: Tensor, conds: Seq
     return values.tolist()
 
 
-def _condition_mean(values: Sequence[float], prompt: Sequence[int]) -> float:
-    v, p = torch.tensor(values, dtype=torch.float64), torch.tensor(prompt)
+def _condition_mean(values: Sequence[float] | Tensor, prompt: Sequence[int] | Tensor) -> float:
+    """The mean over conditions of each condition's mean (every prompt weighs the same)."""
+    v, p = torch.as_tensor(values, dtype=torch.float64), torch.as_tensor(prompt)
     return float(torch.stack([v[p == k].mean() for k in torch.unique(p)]).mean())
 
 
@@ -182,7 +183,7 @@ def calibrate_scale(model: Model, schedule: Schedule, reward: Reward, guidance: 
             _save_state(path, state)
         p = state["passes"][name]
         r, prompt = torch.tensor(p["reward"], dtype=torch.float64), torch.tensor(p["prompt"])
-        mean = float(torch.stack([r[prompt == k].mean() for k in torch.unique(prompt)]).mean())
+        mean = _condition_mean(r, prompt)
         if log is not None:
             log(f"scale {scale:g}: mean reward {mean:.4f}")
         return mean, r, prompt
