@@ -166,3 +166,40 @@ def test_timing_repeats_sample_equal_prompt_blocks_with_the_same_images():
         torch.testing.assert_close(two.images, one.images, atol=1e-5, rtol=0)
         assert two.model_evals == pytest.approx(one.model_evals)
         assert len(two.walls) == (4 if method == "unguided" else 2) and min(two.walls) > 0
+
+
+def test_a_row_can_use_a_guidance_network_of_ones_own(tmp_path, capsys):
+    """--guidance MODEL:METHOD=FOLDER swaps a row's network; the record names it, and results.md says
+    which demo prompts a network was trained on instead of claiming that none were."""
+    import shutil
+
+    from tiltgen.builtin import builtin_path
+
+    own = tmp_path / "net"
+    shutil.copytree(builtin_path("builtin:guidance-onestep-proxy"), own)
+    record = json.loads((own / "guidance.json").read_text())
+    record["calibration"]["scale"] = 2.0  # as if calibrated differently: the row must guide at 2, not 8
+    (own / "guidance.json").write_text(json.dumps(record))
+    seen = "a small blue shape"  # one of the network's training prompts
+    assert seen in (own / "prompts.txt").read_text().splitlines()
+    args = ["demo", "--n", "1", "--rows", "onestep:unguided,onestep:learned", "--timing-repeats", "1", "--no-progress"]
+    assert cli(args + ["--prompt", "a purple cross", "--prompt", seen, "--guidance", f"onestep:learned={own}",
+                       "--out", str(tmp_path / "d")]) == 0
+    records = json.loads((tmp_path / "d" / "results.json").read_text())["records"]
+    learned = [r for r in records if r["method"] == "learned"]
+    assert {r["guidance"] for r in learned} == {str(own)} and {r["scale"] for r in learned} == {2.0}
+    md = (tmp_path / "d" / "results.md").read_text()
+    assert f"`{own}` was trained on '{seen}'." in md and "never saw" not in md
+    assert cli(args + ["--prompt", "a purple cross", "--out", str(tmp_path / "e")]) == 0  # the shipped network
+    records = json.loads((tmp_path / "e" / "results.json").read_text())["records"]
+    assert {r["guidance"] for r in records if r["method"] == "learned"} == {"builtin:guidance-onestep-proxy"}
+    assert "The guidance networks never saw these prompts." in (tmp_path / "e" / "results.md").read_text()
+
+    bad = {"onestep:learned=builtin:guidance-diffusion-proxy": "world-diffusion",  # trained for another model
+           "flow:trainingfree=x": "uses no guidance network",
+           "onestep:learned": "MODEL:METHOD=FOLDER",
+           "onestep:cfg=x": "unknown demo row",
+           f"onestep:learned={tmp_path / 'missing'}": "missing"}
+    for item, message in bad.items():
+        assert cli(args + ["--prompt", "a purple cross", "--guidance", item, "--out", str(tmp_path / "f")]) == 2, item
+        assert message in capsys.readouterr().err, item

@@ -293,7 +293,7 @@ def _text_to_image_training(args: argparse.Namespace) -> tuple:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..eval.world_demo import DemoSettings, parse_rows, run_demo
+    from ..eval.world_demo import DemoSettings, parse_guidance, parse_rows, run_demo
     from ..eval.world_report import fresh_output_dir, table, write_reports
     from ..world.prompts import DEMO_PROMPTS, TWO_SHAPE_PROMPTS, held_out_prompts
 
@@ -313,7 +313,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise TiltgenError(f"--bank needs at least 2 images per prompt, got {args.bank}")
     settings = DemoSettings(prompts=prompts, prompt_set=prompt_set, n=args.n, beta=args.beta, seed=args.seed,
                             rows=parse_rows(args.rows), timing_repeats=args.timing_repeats, best_of=args.best_of,
-                            particles=args.particles, bank=args.bank)
+                            particles=args.particles, bank=args.bank, guidance=parse_guidance(args.guidance))
     out = writable_dir(Path(args.out) if args.out else fresh_output_dir())
     start = time.perf_counter()
     results = run_demo(settings, progress=not args.no_progress)
@@ -379,6 +379,9 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
                            "(drawn, and timed, inside that row), default 32")
     demo.add_argument("--timing-repeats", type=int, default=2,
                       help="interleaved timing repeats; wall ratios use the fastest (default 2)")
+    demo.add_argument("--guidance", action="append", metavar="MODEL:METHOD=FOLDER",
+                      help="a guidance network of your own for a row that uses one (repeatable), e.g. "
+                           "onestep:learned=runs/my-net (default: the built-in network of that row)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
 

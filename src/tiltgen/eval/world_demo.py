@@ -68,6 +68,27 @@ class DemoSettings:
     best_of: int | None = None  # None: matched to the costliest guided row of the same model
     particles: int = 4  # particles per image of the twisted-SMC rows
     bank: int = 32  # unguided samples per prompt in the trainingfree-bank row's sample bank
+    guidance: dict[tuple[str, str], str] = field(default_factory=dict)  # (model, method) -> network, over GUIDANCE
+
+
+def guidance_for(settings: DemoSettings, name: str, method: str) -> str | None:
+    """The guidance network of a (model, method) row: the settings' own, else the shipped one."""
+    return settings.guidance.get((name, method), GUIDANCE.get((name, method)))
+
+
+def parse_guidance(items: Sequence[str] | None) -> dict[tuple[str, str], str]:
+    """``MODEL:METHOD=FOLDER`` items -> {(model, method): folder}, for rows that use a network."""
+    out: dict[tuple[str, str], str] = {}
+    for item in items or ():
+        row, sep, folder = item.partition("=")
+        if not sep or not folder.strip():
+            raise TiltgenError(f"--guidance wants MODEL:METHOD=FOLDER, got {item!r}")
+        (model, method), = parse_rows(row)
+        if (model, method) not in GUIDANCE:
+            choices = ", ".join(f"{m}:{k}" for m, k in GUIDANCE)
+            raise TiltgenError(f"demo row {row.strip()!r} uses no guidance network; rows that do: {choices}")
+        out[(model, method)] = folder.strip()
+    return out
 
 
 @dataclass
@@ -129,7 +150,7 @@ def _guided_runner(model: Any, method: str, name: str, settings: DemoSettings, r
                    ) -> tuple[Runner, CountingModel, float | None, float | None]:
     learned = method.startswith("learned")  # a learned network tilts at the beta it was trained for
     estimator, beta = build_estimator(model, "learned" if learned else method, reward,
-                                      None if learned else settings.beta, guidance=GUIDANCE.get((name, method)))
+                                      None if learned else settings.beta, guidance=guidance_for(settings, name, method))
     counter = CountingModel(model)
     wrapped = counter if estimator is None else GuidedModel(counter, model.schedule, estimator)
     steps = model.backend.default_steps
@@ -171,9 +192,9 @@ def _smc_runner(model: Any, method: str, name: str, settings: DemoSettings, rewa
     from ..tilt.particles import smc_sample
 
     estimator, beta = None, settings.beta
-    twin = GUIDANCE.get((name, method.replace("smc-", "twisted-")))
+    twin = guidance_for(settings, name, method.replace("smc-", "twisted-"))
     if PARTICLE_ROWS[method] == "twisted":
-        estimator, beta = build_estimator(model, "learned", None, None, guidance=GUIDANCE[(name, method)])
+        estimator, beta = build_estimator(model, "learned", None, None, guidance=guidance_for(settings, name, method))
     elif twin is not None:
         # the plain row aims at its twisted twin's target: the beta that network was trained at
         from ..builtin import resolve_weights
@@ -264,6 +285,8 @@ def run_model_rows(name: str, methods: Sequence[str], settings: DemoSettings, re
             results[m].extra["scale"] = meta[m][2]
         if m in PARTICLE_ROWS:
             results[m].extra.update(particles=settings.particles, smc=PARTICLE_ROWS[m])
+        if (name, m) in GUIDANCE:
+            results[m].extra["guidance"] = guidance_for(settings, name, m)
     for m in ("trainingfree", "trainingfree-bank"):
         if m in results:
             results[m].extra.update(variant=default_variant(model), data_var=default_data_var(model))
@@ -304,6 +327,11 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> list[RowResult]:
 
     for p in settings.prompts:
         parse_caption(p)
+    for folder in settings.guidance.values():  # before any row runs: a typo should not cost the rows before it
+        from ..builtin import resolve_weights
+        from ..tilt.learned.pretrained import read_guidance_record
+
+        read_guidance_record(resolve_weights(folder, "guidance network"))
     rewards = {"target": get_reward(TARGET_REWARD), "binary": get_reward(BINARY_REWARD)}
     models = list(dict.fromkeys(m for m, _ in rows))
     bar = tqdm(total=sum(1 + sum(k != "unguided" for mm, k in rows if mm == m) for m in models), desc="demo",

@@ -3,6 +3,7 @@ against the base model's within-prompt spread, attribute histograms that moved, 
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import time
@@ -182,7 +183,7 @@ def write_reports(results: Sequence[RowResult], settings: DemoSettings, out: Pat
         f"Target reward `{TARGET_REWARD}` (the learned proxy preference) at beta = {settings.beta:g} (learned "
         f"networks tilt at the beta they were trained for); held-out `{GOLD_REWARD}`; {settings.n} images per "
         f"prompt, seeds {settings.seed}..{settings.seed + settings.n - 1} in every row; {wall_total:.0f} s in all. "
-        "The guidance networks never saw these prompts."
+        + _seen_text(results, settings.prompts)
         + "".join(f" {r.model} {r.method} uses the `{r.extra['variant']}` variant and data variance "
                   f"{_data_var_text(r.extra.get('data_var', 1.0))} (the model folder's recommendations)."
                   for r in results if "variant" in r.extra)
@@ -280,6 +281,34 @@ def _exact_tilt_fidelity_lines(base_rows: Sequence[dict[str, Any]]) -> list[str]
             ess = [r["proxy_exact_tilt_ess"] for r in rows]
             lines.append(f"{model} {change:+.3f} (ESS {min(ess):.1f}-{max(ess):.1f})")
     return lines
+
+
+def training_prompts(folder: str) -> set[str]:
+    """The prompts a guidance network was trained on (its record's ``conditions``)."""
+    from ..builtin import resolve_weights
+    from ..tilt.learned.pretrained import read_guidance_record
+
+    names = read_guidance_record(resolve_weights(folder, "guidance network")).get("conditions") or []
+    out = set()
+    for name in names:
+        try:  # the record keeps each condition's repr
+            value = ast.literal_eval(name)
+        except (ValueError, SyntaxError):
+            value = name
+        out.add(str(value))
+    return out
+
+
+def _seen_text(results: Sequence[RowResult], prompts: Sequence[str]) -> str:
+    """Which of the prompts each guidance network was trained on (none, for the demo's own)."""
+    seen = []
+    for folder in dict.fromkeys(r.extra["guidance"] for r in results if r.extra.get("guidance")):
+        trained = [p for p in prompts if p in training_prompts(folder)]
+        if trained:
+            seen.append(f"`{folder}` was trained on " + ", ".join(f"'{p}'" for p in trained))
+    if not seen:
+        return "The guidance networks never saw these prompts."
+    return "Seen in training: " + "; ".join(seen) + "."
 
 
 def _data_var_text(data_var: float | list[float]) -> str:
