@@ -138,8 +138,8 @@ def test_smc_runs_one_population_per_image(sd_dir, tmp_path):
 def test_particle_options_are_checked(sd_dir, tmp_path, capsys):
     base = ["sample", "--model", str(sd_dir), "--prompt", "a cat", "--reward", "brightness", "--out", str(tmp_path / "x")]
     cases = [(["--method", "smc"], "--method smc needs --particles N"),
-             (["--method", "tweedie", "--particles", "2"], "--particles is for --method bestofn or smc"),
-             (["--method", "smc", "--particles", "0"], "--particles must be >= 1"),
+             (["--method", "tweedie", "--particles", "2"], "--particles is for --method smc or --method bestofn"),
+             (["--method", "smc", "--particles", "0"], "--particles must be an integer >= 1"),
              (["--method", "smc", "--particles", "2", "--handoff"], "--handoff hands a learned twist"),
              (["--method", "bestofn", "--particles", "2", "--guidance", "g"], "keeps the best of N unguided samples"),
              (["--method", "smc", "--particles", "2", "--scale", "2"], "plain --method smc proposes with the base"),

@@ -180,11 +180,11 @@ def test_bad_calls_get_clear_errors():
         tiltgen.guide("not a pipeline", reward="brightness")
     with pytest.raises(TiltgenError, match="particles= is for method='smc'"):
         tiltgen.guide(pipe, reward="brightness", particles=4)
-    with pytest.raises(TiltgenError, match="method 'smc' needs particles=N"):
+    with pytest.raises(TiltgenError, match="method='smc' needs particles=N"):
         tiltgen.guide(pipe, reward="brightness", method="smc")
     with pytest.raises(TiltgenError, match="handoff=True hands a learned twist"):
         tiltgen.guide(pipe, reward="brightness", method="smc", particles=2, handoff=True)
-    with pytest.raises(TiltgenError, match="method 'smc' uses one only as its drift="):
+    with pytest.raises(TiltgenError, match="method='smc' uses one only as its drift="):
         tiltgen.guide(pipe, reward="brightness", method="smc", particles=2, variant="damped")
     smc = tiltgen.guide(pipe, reward="brightness", method="smc", beta=0.1, particles=2)
     with pytest.raises(TiltgenError, match="does not take callback_on_step_end"):
@@ -289,6 +289,13 @@ def test_best_of_n_through_guide_keeps_the_candidate_tiltgen_sample_keeps(case):
     assert torch.allclose(torch.tensor([p["rewards"] for p in guided.last_particles]), scores, atol=1e-4)
     for i, k in enumerate(best.tolist()):  # the kept image has the highest reward of its candidates
         assert float(scores[i, k]) == float(scores[i].max())
+    # decoded output: the kept candidate's own image (decoded once, while it was scored)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    images = guided(PROMPTS, height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=scale,
+                    generator=gens, output_type="pt", **extra(pipe)).images
+    with torch.no_grad():
+        expected = pipe.image_processor.postprocess(model.decode(ref) * 2 - 1, output_type="pt")
+    assert close(images, expected), f"{case}: max |diff| {float((images - expected).abs().max())}"
 
 
 def test_best_of_n_candidate_zero_is_the_pipelines_own_image():
@@ -327,7 +334,7 @@ def test_smc_with_a_drift_through_guide_equals_tiltgen_smc(drift):
 
 def test_particle_methods_refuse_what_they_cannot_take():
     pipe = loaded(tiny.tiny_sd, scheduler="ddim")
-    with pytest.raises(TiltgenError, match="method 'bestofn' needs particles=N"):
+    with pytest.raises(TiltgenError, match="method='bestofn' needs particles=N"):
         tiltgen.guide(pipe, reward="brightness", method="bestofn")
     with pytest.raises(TiltgenError, match="does not take guidance=, scale="):
         tiltgen.guide(pipe, reward="brightness", method="bestofn", particles=2, guidance="x", scale=2.0)

@@ -28,7 +28,6 @@ from torch import Tensor
 from .errors import TiltgenError, check_choice
 
 METHODS = ("tweedie", "trainingfree", "learned", "smc", "bestofn")
-PARTICLE_METHODS = ("smc", "bestofn")
 
 
 def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | None = None,
@@ -64,8 +63,10 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
         raise TiltgenError(f"guide() does not support {name}; supported pipelines: {', '.join(FAMILIES)}")
     if method not in METHODS:
         raise TiltgenError(f"unknown method {method!r} for guide(); choose one of: {', '.join(METHODS)}")
-    _check_particle_options(method, particles, guidance=guidance, variant=variant, handoff=handoff, drift=drift,
-                            scale=scale, t_window=t_window, bank=bank)
+    from .eval.particle_images import check_particle_options
+
+    check_particle_options(method, particles, _spell, guidance=guidance, variant=variant, handoff=handoff,
+                           drift=drift, scale=scale, t_window=t_window, bank=bank)
     if method == "bestofn" and beta is not None:
         warnings.warn("guide(..., method='bestofn') keeps the highest reward: beta is ignored (use method='smc' to "
                       "sample the tilt at a beta)", stacklevel=2)
@@ -86,37 +87,9 @@ def guide(pipe: Any, reward: Any = None, method: str = "tweedie", beta: float | 
                           drift=drift)
 
 
-def _check_particle_options(method: str, particles: Any, **given: Any) -> None:
-    """Refuse, by name, what a particle method (or a non-particle one) cannot take."""
-    if method in PARTICLE_METHODS:
-        if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
-            raise TiltgenError(f"method {method!r} needs particles=N, an integer >= 1 (got {particles!r})")
-    elif particles is not None:
-        raise TiltgenError(f"particles= is for method='smc' or 'bestofn', not {method!r}: the other methods run one "
-                           "guided trajectory per image")
-    if method == "bestofn":
-        named = [name for name, value in given.items() if value not in (None, False)]
-        if named:
-            raise TiltgenError(f"method 'bestofn' keeps the best of N unguided pipeline calls; it does not take "
-                               f"{', '.join(f'{name}=' for name in named)} (method='smc' with guidance= or drift= "
-                               "proposes with guidance)")
-    if given["drift"] is not None:
-        from .eval.particle_images import SMC_DRIFTS
-
-        check_choice("SMC drift", given["drift"], SMC_DRIFTS)
-    if given["drift"] is not None and (method != "smc" or given["guidance"] is not None):
-        raise TiltgenError("drift= is the proposal of method='smc' without guidance= (with guidance= the network "
-                           "proposes)")
-    if method == "smc" and given["variant"] is not None and given["drift"] is None:
-        raise TiltgenError("variant= chooses a Tweedie or training-free estimator; method 'smc' uses one only as its "
-                           "drift=")
-    if method == "smc" and given["guidance"] is None and given["drift"] is None and \
-            (given["scale"] is not None or given["t_window"] is not None):
-        raise TiltgenError("scale= and t_window= shape a guided proposal: plain method='smc' proposes with the base "
-                           "model (give guidance= for twisted SMC, or drift=)")
-    if given["handoff"] and not (method == "smc" and given["guidance"] is not None):
-        raise TiltgenError("handoff=True hands a learned twist over to the plug-in: it needs method='smc' with "
-                           "guidance=")
+def _spell(name: str, value: Any = None) -> str:
+    """An option as a Python caller writes it: ``t_window=``, ``method='smc'``."""
+    return f"{name}=" if value is None else f"{name}={value!r}"
 
 
 class GuidedPipeline:

@@ -99,7 +99,7 @@ def bestofn_call(guided: Any, call: dict[str, Any], extra: dict[str, Any]) -> An
     count = len(rows) if rows is not None else _embedded_count(merged)
     seeds = image_seeds(merged.get("generator"), count)
     device = _generator_device(merged.get("generator"))
-    candidates, scores, model = [], [], None
+    scores, model, kept = [], None, None  # kept: the best (latents, images) so far, one row per image
     for k in range(guided.particles):
         generators = [torch.Generator(device).manual_seed(candidate_seed(seed, k)) for seed in seeds]
         latents = pipe(**{**merged, "generator": generators, "output_type": "latent", "return_dict": True}).images
@@ -110,13 +110,21 @@ def bestofn_call(guided: Any, call: dict[str, Any], extra: dict[str, Any]) -> An
             images = model.decode(latents)
             with prompts_for_the_reward(rows):
                 scores.append(evaluate_reward(guided.reward, images, rows).detach().float().cpu())
-        candidates.append(latents)
+        kept = (latents, images) if kept is None else _keep_better(kept, (latents, images), scores)
     best = torch.stack(scores, 1).argmax(1)  # [images]; the first of equal rewards, as tiltgen sample picks
     guided.last_particles = [{"prompt": None if rows is None else rows[i], "seed": seed, "candidate": int(k),
                               "rewards": [float(s[i]) for s in scores]}
                              for i, (seed, k) in enumerate(zip(seeds, best.tolist()))]
-    chosen = torch.stack(candidates, 1)[torch.arange(count), best]
-    return _output(pipe, backend, model, chosen, merged)
+    return _output(pipe, backend, model, kept[0], merged, decoded=kept[1])
+
+
+def _keep_better(kept: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], scores: list[Tensor]
+                 ) -> tuple[Tensor, Tensor]:
+    """Per image, the newest candidate where its reward beats every earlier one (ties keep the earlier:
+    the first of equal rewards wins), else what was kept; one candidate's latents and images in memory."""
+    better = scores[-1] > torch.stack(scores[:-1], 1).amax(1)
+    return tuple(torch.where(better.to(a.device).view(-1, *[1] * (a.ndim - 1)), b, a)  # type: ignore[return-value]
+                 for a, b in zip(kept, new))
 
 
 def _embedded_count(call: dict[str, Any]) -> int:
@@ -142,16 +150,19 @@ def _negatives(negative: Any, call: dict[str, Any], count: int) -> list[str | No
     return rows
 
 
-def _output(pipe: Any, backend: Any, model: Any, latents: Tensor, call: dict[str, Any]) -> Any:
-    """The pipeline's own output for these latents: ``output_type`` and ``return_dict`` as it would."""
+def _output(pipe: Any, backend: Any, model: Any, latents: Tensor, call: dict[str, Any],
+            decoded: Tensor | None = None) -> Any:
+    """The pipeline's own output for these latents (``decoded``: their images in [0, 1], if already
+    decoded): ``output_type`` and ``return_dict`` as it would."""
     output_type = call.get("output_type") or "pil"
     if output_type == "latent":
         from .backends.diffusers.backend import pack_latents
 
         images: Any = pack_latents(latents) if backend.family == "flux" else latents
     else:
-        with torch.no_grad():
-            decoded = model.decode(latents)
+        if decoded is None:
+            with torch.no_grad():
+                decoded = model.decode(latents)
         images = pipe.image_processor.postprocess(decoded * 2 - 1, output_type=output_type)
     cls = _output_class(backend.family)
     if not call.get("return_dict", True):

@@ -16,44 +16,28 @@ import torch
 from torch import Tensor
 
 from ..errors import TiltgenError
+from ..eval.particle_images import PARTICLE_METHODS, check_particle_options
 
-PARTICLE_METHODS = ("bestofn", "smc")
 #: Prefixes of the per-image diagnostics these methods add to the manifest.
 DIAGNOSTIC_PREFIXES = ("smc:", "bestofn:")
 
 
+def _spell(name: str, value: Any = None) -> str:
+    """An option as the command line writes it: ``--t-window``, ``--method smc``."""
+    flag = "--" + name.replace("_", "-")
+    return flag if value is None or value is True else f"{flag} {value}"
+
+
 def check_particle_args(args: argparse.Namespace) -> None:
     """Validate the particle options before any model loads."""
-    particles = args.method in PARTICLE_METHODS
-    if particles and args.particles is None:
-        raise TiltgenError(f"--method {args.method} needs --particles N (candidates or particles per image)")
-    if not particles and args.particles is not None:
-        raise TiltgenError(f"--particles is for --method bestofn or smc, not --method {args.method}")
-    if args.particles is not None and args.particles < 1:
-        raise TiltgenError(f"--particles must be >= 1, got {args.particles}")
-    if particles and not args.reward:
+    check_particle_options(args.method, args.particles, _spell, guidance=args.guidance, scale=args.scale,
+                           t_window=args.t_window, variant=args.variant, drift=args.drift, handoff=args.handoff)
+    if args.method in PARTICLE_METHODS and not args.reward:
         raise TiltgenError(f"--method {args.method} needs --reward (the reward that picks or weighs the particles)")
-    if args.handoff and not (args.method == "smc" and args.guidance):
-        raise TiltgenError("--handoff hands a learned twist over to the plug-in: it needs --method smc with --guidance")
-    if args.method == "bestofn":
-        given = [flag for flag, value in (("--guidance", args.guidance), ("--scale", args.scale),
-                                          ("--t-window", args.t_window), ("--variant", args.variant)) if value]
-        if given:
-            raise TiltgenError(f"--method bestofn keeps the best of N unguided samples; {', '.join(given)} "
-                               "would guide them (use --method smc --guidance for a learned proposal)")
-        if args.beta is not None:
-            print("tiltgen: warning: --beta is ignored with --method bestofn (it keeps the highest reward; use "
-                  "--method smc to sample the tilt at a beta)", file=sys.stderr)
-            args.beta = None  # the manifest must not claim a tilt
-    if args.drift and (args.method != "smc" or args.guidance):
-        raise TiltgenError("--drift is the proposal of --method smc without --guidance (with --guidance the network "
-                           "proposes)")
-    if args.method == "smc" and args.variant and not args.drift:
-        raise TiltgenError("--variant chooses a training-free or Tweedie estimator; --method smc uses one only as "
-                           "its --drift")
-    if args.method == "smc" and not (args.guidance or args.drift) and (args.scale is not None or args.t_window):
-        raise TiltgenError("--scale and --t-window shape a guided proposal: plain --method smc proposes with the "
-                           "base model (give --guidance for twisted SMC, or --drift)")
+    if args.method == "bestofn" and args.beta is not None:
+        print("tiltgen: warning: --beta is ignored with --method bestofn (it keeps the highest reward; use "
+              "--method smc to sample the tilt at a beta)", file=sys.stderr)
+        args.beta = None  # the manifest must not claim a tilt
 
 
 Sampler = Callable[[list], Tensor]

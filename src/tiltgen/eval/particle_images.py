@@ -13,7 +13,7 @@ same images for the same seeds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -22,6 +22,50 @@ from ..errors import TiltgenError, check_choice
 from .estimators import CANDIDATE_STRIDE, DEFAULT_BETA, build_estimator, default_data_var, default_variant
 
 SMC_DRIFTS = ("tweedie", "trainingfree")
+PARTICLE_METHODS = ("bestofn", "smc")
+
+#: Writes an option as the caller's user types it: ``spell("t_window")`` -> ``--t-window`` (CLI) or
+#: ``t_window=`` (Python); ``spell("method", "smc")`` -> ``--method smc`` or ``method='smc'``.
+Spell = Callable[..., str]
+
+
+def check_particle_options(method: str, particles: Any, spell: Spell, *, guidance: Any = None, scale: Any = None,
+                           t_window: Any = None, variant: Any = None, drift: Any = None, handoff: bool = False,
+                           **refused_by_bestofn: Any) -> None:
+    """Refuse, by the caller's own names, what a particle method (or a non-particle one) cannot take:
+    the one rule set of ``tiltgen sample`` and ``tiltgen.guide``. ``refused_by_bestofn``: further
+    options (given or not) that best-of-N, which guides nothing, refuses too."""
+    smc, bestofn = spell("method", "smc"), spell("method", "bestofn")
+    if method in PARTICLE_METHODS:
+        if particles is None:
+            flag = spell("particles")
+            raise TiltgenError(f"{spell('method', method)} needs {flag}{'' if flag.endswith('=') else ' '}N "
+                               "(candidates or particles per image)")
+        if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+            raise TiltgenError(f"{spell('particles')} must be an integer >= 1, got {particles!r}")
+    elif particles is not None:
+        raise TiltgenError(f"{spell('particles')} is for {smc} or {bestofn}, not {spell('method', method)}: the "
+                           "other methods run one guided trajectory per image")
+    given = {"guidance": guidance, "scale": scale, "t_window": t_window, "variant": variant, "drift": drift,
+             "handoff": handoff, **refused_by_bestofn}
+    named = [spell(name) for name, value in given.items() if value not in (None, False)]
+    if method == "bestofn" and named:
+        raise TiltgenError(f"{bestofn} keeps the best of N unguided samples; it does not take {', '.join(named)} "
+                           f"({smc} with {spell('guidance')} or {spell('drift')} proposes with guidance)")
+    if drift is not None:
+        check_choice("SMC drift", drift, SMC_DRIFTS)
+        if method != "smc" or guidance is not None:
+            raise TiltgenError(f"{spell('drift')} is the proposal of {smc} without {spell('guidance')} (with "
+                               f"{spell('guidance')} the network proposes)")
+    if method == "smc" and variant is not None and drift is None:
+        raise TiltgenError(f"{spell('variant')} chooses a Tweedie or training-free estimator; {smc} uses one only "
+                           f"as its {spell('drift')}")
+    if method == "smc" and guidance is None and drift is None and (scale is not None or t_window is not None):
+        raise TiltgenError(f"{spell('scale')} and {spell('t_window')} shape a guided proposal: plain {smc} proposes "
+                           f"with the base model (give {spell('guidance')} for twisted SMC, or {spell('drift')})")
+    if handoff and not (method == "smc" and guidance is not None):
+        raise TiltgenError(f"{spell('handoff', True)} hands a learned twist over to the plug-in: it needs {smc} "
+                           f"with {spell('guidance')}")
 
 
 @dataclass(frozen=True)
