@@ -5,7 +5,6 @@ and record it in the network's guidance.json, where sampling picks it up."""
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -62,7 +61,9 @@ def _prompts(args: argparse.Namespace, record: dict, folder: Path) -> list[str]:
     if not held:
         raise TiltgenError(f"{folder} records no held-out prompts (it was trained without --val-fraction); "
                            "give calibration prompts with --prompt or --prompts-file, none of them training prompts")
-    return [ast.literal_eval(c) for c in held]
+    from ..tilt.learned.pretrained import recorded_conditions
+
+    return recorded_conditions(record, "held_out_conditions")
 
 
 def _write_record(path: Path, record: dict) -> None:

@@ -327,10 +327,10 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> list[RowResult]:
 
     for p in settings.prompts:
         parse_caption(p)
-    for folder in settings.guidance.values():  # before any row runs: a typo should not cost the rows before it
-        from ..builtin import resolve_weights
-        from ..tilt.learned.pretrained import read_guidance_record
+    from ..builtin import resolve_weights
+    from ..tilt.learned.pretrained import read_guidance_record
 
+    for folder in settings.guidance.values():  # before any row runs: a typo should not cost the rows before it
         read_guidance_record(resolve_weights(folder, "guidance network"))
     rewards = {"target": get_reward(TARGET_REWARD), "binary": get_reward(BINARY_REWARD)}
     models = list(dict.fromkeys(m for m, _ in rows))

@@ -3,7 +3,6 @@ against the base model's within-prompt spread, attribute histograms that moved, 
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import time
@@ -283,29 +282,17 @@ def _exact_tilt_fidelity_lines(base_rows: Sequence[dict[str, Any]]) -> list[str]
     return lines
 
 
-def training_prompts(folder: str) -> set[str]:
-    """The prompts a guidance network was trained on (its record's ``conditions``)."""
-    from ..builtin import resolve_weights
-    from ..tilt.learned.pretrained import read_guidance_record
-
-    names = read_guidance_record(resolve_weights(folder, "guidance network")).get("conditions") or []
-    out = set()
-    for name in names:
-        try:  # the record keeps each condition's repr
-            value = ast.literal_eval(name)
-        except (ValueError, SyntaxError):
-            value = name
-        out.add(str(value))
-    return out
-
-
 def _seen_text(results: Sequence[RowResult], prompts: Sequence[str]) -> str:
     """Which of the prompts each guidance network was trained on (none, for the demo's own)."""
+    from ..builtin import resolve_weights
+    from ..tilt.learned.pretrained import read_guidance_record, recorded_conditions
+
     seen = []
     for folder in dict.fromkeys(r.extra["guidance"] for r in results if r.extra.get("guidance")):
-        trained = [p for p in prompts if p in training_prompts(folder)]
-        if trained:
-            seen.append(f"`{folder}` was trained on " + ", ".join(f"'{p}'" for p in trained))
+        record = read_guidance_record(resolve_weights(folder, "guidance network"))
+        trained = set(recorded_conditions(record))
+        if any(p in trained for p in prompts):
+            seen.append(f"`{folder}` was trained on " + ", ".join(f"'{p}'" for p in prompts if p in trained))
     if not seen:
         return "The guidance networks never saw these prompts."
     return "Seen in training: " + "; ".join(seen) + "."

@@ -10,6 +10,7 @@ model, naming both fingerprints, unless ``force=True``.
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
@@ -64,6 +65,12 @@ def read_guidance_record(folder: Path) -> dict[str, Any]:
         return json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as error:
         raise TiltgenError(f"cannot read {folder / CONFIG}: {error}") from None
+
+
+def recorded_conditions(record: dict, key: str = "conditions") -> list[Any]:
+    """The conditions a training record lists under ``key`` (``conditions``: every training prompt,
+    ``held_out_conditions``: those held out), back from the reprs the record keeps."""
+    return [ast.literal_eval(c) for c in record.get(key) or []]
 
 
 def check_base_model(record: dict, model: Any, path: Any, force: bool = False) -> None:
